@@ -1,0 +1,107 @@
+"""Atomic checkpoints, and loading that refuses a checkpoint of another model."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+
+from fastbeit.errors import UserError
+
+# Config fields that change the parameters' shapes or meaning; the rest (backends, dropout) may differ.
+ARCH_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "use_abs_pos_emb",
+    "use_rel_pos_bias",
+    "use_shared_rel_pos_bias",
+    "vocab_size",
+)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> Dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read one of our checkpoints (weights-only unpickling), with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a fastbeit checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def check_same_architecture(saved: Optional[Dict[str, Any]], current: Dict[str, Any], path: str) -> None:
+    """Raise naming every architecture field where the checkpoint and the current model differ."""
+    if saved is None:
+        return
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs requested {current.get(k)!r}" for k in ARCH_FIELDS
+             if k in saved and saved.get(k) != current.get(k)]
+    if diffs:
+        raise UserError(f"checkpoint {path} is from another model ({'; '.join(diffs)})")
+
+
+def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str,
+                     ignore: Iterable[str] = ()) -> None:
+    """Strict load with a message naming the missing / unexpected / mis-shaped keys."""
+    own = model.state_dict()
+    ignore = set(ignore)
+    missing = sorted(k for k in own if k not in state and k not in ignore)
+    unexpected = sorted(k for k in state if k not in own and k not in ignore)
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                    if k in state and tuple(state[k].shape) != tuple(v.shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:5]}")
+        raise UserError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

@@ -1,0 +1,488 @@
+"""BEiT pre-training by masked image modeling.
+
+    python -m fastbeit.pretrain --amp bf16                       # built-in sample, beit_tiny, CPU ok
+    python -m fastbeit.pretrain --data DIR --model beit_base --batch-size 128 --output runs/x
+    torchrun --nproc-per-node 8 -m fastbeit.pretrain --data DIR ...   # DDP
+
+Each step: two views + mask → tokenizer ids (no grad) → model on the masked patches → mean
+cross entropy over masked tokens. AdamW with the original decay groups, per-step cosine
+schedule with linear warmup from 0, gradient clipping, bf16/fp16 autocast, atomic checkpoints
+(Ctrl-C saves one first), ``--resume`` with the schedule, optimizer, scaler and RNG state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from fastbeit.checkpoint import (
+    atomic_save,
+    check_same_architecture,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    set_rng_state,
+)
+from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
+from fastbeit.data.folder import ImageFolderDataset
+from fastbeit.data.sampler import ResumableSampler
+from fastbeit.data.transforms import (
+    BEIT_MEAN,
+    BEIT_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BeitPretrainTransform,
+    TwoViewTransform,
+)
+from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from fastbeit.errors import UserError, cli_entry
+from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
+from fastbeit.masking import MASKING_MODES, MaskingGenerator
+from fastbeit.model import BeitForMaskedImageModeling
+from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, set_step_values
+
+TOKENIZER_DOWNSAMPLE = 8
+SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "sample"
+
+# Defaults of the faithful recipe (DESIGN.md §3) for real data, and of the built-in demo.
+RECIPE_DEFAULTS: Dict[str, Any] = dict(
+    model="beit_base", batch_size=64, epochs=800, lr=1.5e-3, warmup_epochs=10, num_workers=10,
+    output="runs/pretrain",
+)
+DEMO_DEFAULTS: Dict[str, Any] = dict(
+    model="beit_tiny", batch_size=16, epochs=5, lr=1.5e-3, warmup_epochs=1, num_workers=2,
+    output="runs/demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastbeit.pretrain",
+        description="BEiT masked-image-modeling pre-training (runs on a built-in sample without --data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def add(*names: str, **kw: Any) -> None:
+        """Register the original underscore name and the dashed spelling of a flag."""
+        spellings = []
+        for n in names:
+            spellings += [n] if "_" not in n else [n, n.replace("_", "-")]
+        p.add_argument(*dict.fromkeys(spellings), **kw)
+
+    g = p.add_argument_group("data")
+    add("--data", "--data_path", default=None, help="image folder (recursive); default: built-in sample")
+    add("--input_size", type=int, default=224, help="patch-view size")
+    add("--second_input_size", type=int, default=112, help="tokenizer-view size")
+    add("--imagenet_default_mean_and_std", action="store_true", help="ImageNet mean/std instead of 0.5")
+    add("--color_jitter", type=float, default=0.4)
+    add("--train_interpolation", default="bicubic")
+    add("--second_interpolation", default="lanczos")
+    add("--num_workers", type=int, default=None)
+    add("--loader", choices=("torch", "dali"), default="torch", help="data loader (dali: GPU decode)")
+    del g
+
+    add("--model", default=None, help=f"one of {', '.join(PRESETS)}")
+    add("--patch_size", type=int, default=16)
+    add("--drop_path", type=float, default=0.1)
+    add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale")
+    add("--rel_pos_bias", action="store_true", help="one relative position table per layer")
+    add("--disable_shared_rel_pos_bias", action="store_true", help="no shared relative position table")
+    add("--abs_pos_emb", action="store_true", help="absolute position embedding")
+    add("--attn", choices=ATTN_BACKENDS, default="auto", help="attention backend")
+    add("--kernels", choices=KERNEL_IMPLS, default="auto", help="fused Triton kernels or references")
+    add("--compile", action="store_true", help="torch.compile the model")
+
+    add("--tokenizer", default=None,
+        help="tokenizer: a fastbeit .safetensors file or DALL-E's encoder.pkl (unpickled: only a file you trust); "
+        "default: the small one shipped in the package")
+
+    add("--num_mask_patches", type=int, default=75)
+    add("--min_mask_patches_per_block", type=int, default=16)
+    add("--max_mask_patches_per_block", type=int, default=None)
+    add("--mask_mode", choices=MASKING_MODES, default="blockwise",
+        help="blockwise (faithful), exact (topped up to num_mask_patches: static shapes), random")
+    add("--mask_sampler", choices=("cpu", "gpu"), default="cpu", help="where masks are drawn")
+
+    add("--batch_size", type=int, default=None, help="per process")
+    add("--epochs", type=int, default=None)
+    add("--max_steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    add("--lr", type=float, default=None)
+    add("--min_lr", type=float, default=1e-5)
+    add("--warmup_lr", type=float, default=0.0)
+    add("--warmup_epochs", type=float, default=None)
+    add("--warmup_steps", type=int, default=-1)
+    add("--weight_decay", type=float, default=0.05)
+    add("--weight_decay_end", type=float, default=None)
+    add("--opt_eps", type=float, default=1e-8)
+    add("--opt_betas", type=float, nargs=2, default=(0.9, 0.999))
+    add("--clip_grad", type=float, default=3.0, help="max grad norm (0 disables)")
+    add("--amp", choices=("bf16", "fp16", "none"), default="bf16")
+
+    add("--output", "--output_dir", default=None)
+    add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint.pt")
+    add("--save_ckpt_freq", type=int, default=1, help="epochs between checkpoints")
+    add("--log_every", type=int, default=10, help="steps between metric logs (host syncs)")
+    add("--seed", type=int, default=0)
+    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.demo = args.data is None
+    for key, value in (DEMO_DEFAULTS if args.demo else RECIPE_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.demo:
+        args.data = str(SAMPLE_DIR)
+    if args.batch_size <= 0 or args.epochs <= 0:
+        raise UserError("--batch_size and --epochs must be positive")
+    if args.input_size % args.patch_size:
+        raise UserError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
+    grid = args.input_size // args.patch_size
+    if args.second_input_size != TOKENIZER_DOWNSAMPLE * grid:
+        raise UserError(
+            f"--second_input_size must be {TOKENIZER_DOWNSAMPLE * grid} for a {grid}x{grid} patch grid (got "
+            f"{args.second_input_size}): the tokenizer down-samples {TOKENIZER_DOWNSAMPLE}x to one token per patch"
+        )
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    return args
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
+    cfg = make_config(
+        args.model,
+        img_size=args.input_size,
+        patch_size=args.patch_size,
+        drop_path_rate=args.drop_path,
+        init_values=args.layer_scale_init_value,
+        use_rel_pos_bias=args.rel_pos_bias,
+        use_shared_rel_pos_bias=not (args.disable_shared_rel_pos_bias or args.rel_pos_bias),
+        use_abs_pos_emb=args.abs_pos_emb,
+        vocab_size=vocab_size,
+        attn_backend=args.attn,
+        kernels=args.kernels,
+    )
+    return BeitForMaskedImageModeling(cfg)
+
+
+def build_tokenizer(spec: Optional[str], device: torch.device):
+    """The frozen tokenizer: ours (.safetensors) or DALL-E's pickled ``encoder.pkl``."""
+    from fastbeit.tokenizer.dvae import load_tokenizer
+
+    return load_tokenizer(spec).eval().requires_grad_(False).to(device)
+
+
+def build_mask_generator(args: argparse.Namespace, grid: int) -> MaskingGenerator:
+    try:
+        return MaskingGenerator(
+            (grid, grid),
+            num_masking_patches=args.num_mask_patches,
+            min_num_patches=args.min_mask_patches_per_block,
+            max_num_patches=args.max_mask_patches_per_block,
+            mode=args.mask_mode,
+        )
+    except ValueError as exc:
+        raise UserError(f"bad masking settings: {exc}") from None
+
+
+def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo):
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (BEIT_MEAN, BEIT_STD)
+    views = TwoViewTransform(
+        args.input_size, args.second_input_size, args.color_jitter,
+        interpolation=args.train_interpolation, second_interpolation=args.second_interpolation, mean=mean, std=std,
+    )
+    dataset = ImageFolderDataset(args.data, BeitPretrainTransform(views, mask_gen))
+    sampler = ResumableSampler(len(dataset), args.batch_size, args.seed, dist_info.rank, dist_info.world_size)
+    if sampler.batches_per_epoch() == 0:
+        raise UserError(
+            f"{len(dataset)} images give no full batch of {args.batch_size} per process; lower --batch_size"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=args.device.startswith("cuda"), drop_last=True,
+        persistent_workers=False,
+    )
+    return dataset, sampler, loader
+
+
+def autocast_context(args, device: torch.device):
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
+                    global_step: int, reason: str) -> None:
+    raw = model
+    atomic_save(
+        {
+            "model": raw.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "config": raw.cfg.to_dict(),
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "rng": rng_state(),
+            "reason": reason,
+        },
+        path,
+    )
+
+
+class LossModule(torch.nn.Module):
+    """``forward`` = the model's ``forward_loss``, so DDP and torch.compile wrap the whole step."""
+
+    def __init__(self, model: BeitForMaskedImageModeling) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, mask, token_ids, num_masked: Optional[int] = None):
+        out = self.model.forward_loss(images, mask, token_ids, num_masked)
+        return out.loss, out.mlm_acc
+
+
+class Trainer:
+    """Holds the run's state; ``train()`` runs epochs and handles interrupts and bad losses."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dist = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
+        if args.device == "cuda" and self.dist.enabled:
+            args.device = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(args.device)
+        torch.manual_seed(args.seed + self.dist.rank)
+        import random
+
+        import numpy as np
+
+        random.seed(args.seed + self.dist.rank)
+        np.random.seed(args.seed + self.dist.rank)
+
+        self.out = Path(args.output)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.tokenizer = build_tokenizer(args.tokenizer, self.device)
+        vocab = int(self.tokenizer.config.vocab_size)
+        self.model = build_model(args, vocab).to(self.device)
+        self.cfg = self.model.cfg
+        self.mask_gen = build_mask_generator(args, self.cfg.grid[0])
+        self.num_masked_static = args.num_mask_patches if args.mask_mode in ("exact", "random") else None
+        self.gpu_masks = args.mask_sampler == "gpu"
+        self.dataset, self.sampler, self.loader = build_loader(
+            args, None if self.gpu_masks else self.mask_gen, self.dist
+        )
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+        self.lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, self.steps_per_epoch,
+                                           args.warmup_epochs, args.warmup_lr, args.warmup_steps)
+        self.wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, self.steps_per_epoch)
+        self.optimizer = build_adamw(decay_groups(self.model, args.weight_decay), args.lr,
+                                     args.opt_betas, args.opt_eps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
+        self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.resume()
+        self.train_model = LossModule(self.model)
+        if args.compile:
+            self.train_model = torch.compile(self.train_model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+
+    def say(self, msg: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(msg)
+
+    def resume(self) -> None:
+        path = self.args.resume
+        if path is None:
+            return
+        if path == "auto":
+            if not self.ckpt_path.is_file():
+                self.say(f"no checkpoint at {self.ckpt_path}; starting from scratch")
+                return
+            path = str(self.ckpt_path)
+        ckpt = load_checkpoint(path)
+        check_same_architecture(ckpt.get("config"), self.cfg.to_dict(), path)
+        load_model_state(self.model, ckpt["model"], path)
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt.get("epoch", 0))
+        self.start_step = int(ckpt.get("step_in_epoch", 0))
+        self.global_step = int(ckpt.get("global_step", 0))
+        if self.start_step >= self.steps_per_epoch:
+            self.start_epoch, self.start_step = self.start_epoch + 1, 0
+        if "rng" in ckpt and not self.dist.enabled:
+            set_rng_state(ckpt["rng"])
+        self.say(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}")
+
+    def masks_for_step(self, batch_size: int) -> torch.Tensor:
+        from fastbeit.kernels.block_mask import sample_block_masks
+
+        g = self.mask_gen
+        return sample_block_masks(
+            batch_size, g.shape, g.num_masking_patches, g.min_num_patches, g.max_num_patches,
+            g.min_aspect, g.max_aspect, mode=g.mode, seed=self.args.seed,
+            offset=self.global_step * self.dist.world_size + self.dist.rank, device=self.device,
+        )
+
+    def step(self, batch) -> Dict[str, torch.Tensor]:
+        args, dev = self.args, self.device
+        images = batch[0].to(dev, non_blocking=True)
+        token_view = batch[1].to(dev, non_blocking=True)
+        mask = self.masks_for_step(images.shape[0]) if self.gpu_masks else batch[2].to(dev, non_blocking=True)
+        it = min(self.global_step, len(self.lr_schedule) - 1)
+        set_step_values(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
+        with torch.no_grad(), autocast_context(args, dev):
+            token_ids = self.tokenizer.encode(token_view).flatten(1)
+        with autocast_context(args, dev):
+            loss, mlm_acc = self.train_model(images, mask, token_ids, self.num_masked_static)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        params = self.model.parameters()
+        if args.clip_grad and args.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach(), "mlm_acc": mlm_acc.detach(), "grad_norm": grad_norm.detach()}
+
+    def train(self) -> int:
+        args = self.args
+        total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps is not None:
+            total_steps = min(total_steps, args.max_steps)
+        self.say(
+            f"pre-training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params) on "
+            f"{len(self.dataset)} images from {args.data}: {args.epochs} epochs x {self.steps_per_epoch} steps, "
+            f"batch {args.batch_size} x {self.dist.world_size} process(es), amp {args.amp}, device {self.device}"
+        )
+        first_loss = last_loss = None
+        epoch, step_in_epoch = self.start_epoch, self.start_step
+        bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), unit="step",
+                   disable=args.no_progress or not self.dist.is_main, dynamic_ncols=True)
+        try:
+            while epoch < args.epochs and self.global_step < total_steps:
+                self.sampler.set_epoch(epoch, step_in_epoch)
+                window: List[Dict[str, torch.Tensor]] = []
+                window_start, window_images = time.time(), 0
+                bar.set_description(f"epoch {epoch}")
+                for batch in self.loader:
+                    stats = self.step(batch)
+                    self.global_step += 1
+                    step_in_epoch += 1
+                    window.append(stats)
+                    window_images += batch[0].shape[0] * self.dist.world_size
+                    bar.update(1)
+                    if self.global_step % args.log_every == 0 or step_in_epoch == self.steps_per_epoch:
+                        record = self.log_window(window, window_start, window_images, epoch)
+                        first_loss = record["loss"] if first_loss is None else first_loss
+                        last_loss = record["loss"]
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['mlm_acc']:.3f}",
+                                        lr=f"{record['lr']:.2e}")
+                        window_start, window_images, window = time.time(), 0, []
+                    if self.global_step >= total_steps:
+                        break
+                if step_in_epoch >= self.steps_per_epoch:
+                    epoch, step_in_epoch = epoch + 1, 0
+                if self.dist.is_main and (epoch % args.save_ckpt_freq == 0 or self.global_step >= total_steps
+                                          or epoch >= args.epochs):
+                    save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, args,
+                                    epoch, step_in_epoch, self.global_step, "epoch")
+                    self.plot()
+        except KeyboardInterrupt:
+            bar.close()
+            if self.dist.is_main:
+                save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, args,
+                                epoch, step_in_epoch, self.global_step, "interrupted")
+                self.plot()
+                print(f"\ninterrupted at step {self.global_step}; checkpoint saved to {self.ckpt_path}\n"
+                      f"continue with: --resume {self.ckpt_path}", file=sys.stderr)
+            return 130
+        except NonFiniteLoss as exc:
+            bar.close()
+            print(f"error: {exc}; stopping. The last good checkpoint ({self.ckpt_path}) is kept.",
+                  file=sys.stderr)
+            return 3
+        bar.close()
+        self.finish(first_loss, last_loss)
+        return 0
+
+    def log_window(self, window, start: float, images: int, epoch: int) -> Dict[str, float]:
+        """Reduce the last steps' stats with one host sync; stop on a non-finite loss."""
+        stacked = {k: torch.stack([s[k].float() for s in window]).mean() for k in window[0]}
+        stacked = {k: all_reduce_mean(v, self.dist) for k, v in stacked.items()}
+        values = {k: float(v) for k, v in stacked.items()}
+        if not math.isfinite(values["loss"]) and self.scaler is None:
+            raise NonFiniteLoss(f"non-finite loss {values['loss']} at step {self.global_step}")
+        it = min(self.global_step - 1, len(self.lr_schedule) - 1)
+        record = {"step": self.global_step, "epoch": epoch, **values, "lr": float(self.lr_schedule[it]),
+                  "wd": float(self.wd_schedule[it]), "img_per_s": images / max(time.time() - start, 1e-9)}
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())
+        self.log.write(record)
+        return record
+
+    def plot(self) -> None:
+        plot_curves(read_jsonl(self.out / "metrics.jsonl"), self.out / "curves.png",
+                    keys=("loss", "mlm_acc", "lr"), title=f"BEiT pre-training ({self.args.model})")
+
+    def finish(self, first_loss, last_loss) -> None:
+        if not self.dist.is_main:
+            return
+        self.plot()
+        print(f"done: {self.global_step} steps; checkpoint {self.ckpt_path}, metrics {self.out / 'metrics.jsonl'}, "
+              f"plot {self.out / 'curves.png'}")
+        if first_loss is not None:
+            trend = "fell" if last_loss < first_loss else "did not fall"
+            print(f"loss {trend} from {first_loss:.3f} to {last_loss:.3f} (ln(vocab) = "
+                  f"{math.log(self.cfg.vocab_size):.3f} is chance)")
+        if self.args.demo:
+            print("This was the built-in sample. On real data:\n"
+                  "  python -m fastbeit.pretrain --data /path/to/images --model beit_base --batch-size 128 "
+                  "--amp bf16 --output runs/base\n"
+                  "  torchrun --nproc-per-node 8 -m fastbeit.pretrain --data /path/to/images ...  (several GPUs)")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    args = resolve_args(argv)
+    trainer = Trainer(args)
+    try:
+        return trainer.train()
+    finally:
+        cleanup(trainer.dist)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

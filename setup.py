@@ -1,0 +1,47 @@
+"""Install fastbeit; `kernels/` ships as the subpackage `fastbeit.kernels`."""
+
+from setuptools import setup
+
+setup(
+    name="fastbeit",
+    version="0.1.0",
+    description="Fast, faithful BEiT (masked image modeling) pre-training in PyTorch and Triton",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=[
+        "fastbeit",
+        "fastbeit.data",
+        "fastbeit.tokenizer",
+        "fastbeit.kernels",
+        "fastbeit.experiments",
+    ],
+    package_dir={"fastbeit.kernels": "kernels"},
+    package_data={"fastbeit": ["assets/*.safetensors", "assets/*.json", "assets/sample/*", "assets/sample/*/*", "assets/*.png"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "safetensors",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "ruff",
+            "timm",
+        ],
+        "dali": ["nvidia-dali-cuda130"],
+        "xformers": ["xformers"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fastbeit-pretrain=fastbeit.pretrain:main",
+        ]
+    },
+)

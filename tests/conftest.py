@@ -1,0 +1,23 @@
+"""Test set-up: Triton kernels run in the interpreter on CPU; tiny thread counts keep CI fast."""
+
+import os
+
+# Must be set before the first @triton.jit function is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """The real-image folder beside the checkout, or a clean skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real image data not found at {SHARED_DATA}")
+    return SHARED_DATA

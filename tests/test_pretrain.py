@@ -1,0 +1,179 @@
+"""The pre-training CLI end to end on tiny settings: outputs, resume, interrupts, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastbeit import pretrain
+from fastbeit.tokenizer.dvae import DiscreteVAE, DVAEConfig, save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pretrain")
+    data = base / "images"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = data / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((96, 80)).save(folder / f"img{i}.jpg")
+    torch.manual_seed(0)
+    tok = DiscreteVAE(DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=64, image_size=64))
+    tok_path = save_tokenizer(tok, base / "tok.safetensors")
+    return base, data, tok_path
+
+
+def tiny_args(setup, out, *extra):
+    base, data, tok = setup
+    return [
+        "--data", str(data), "--model", "beit_tiny", "--input_size", "32", "--patch_size", "4",
+        "--second_input_size", "64", "--tokenizer", str(tok), "--batch_size", "4", "--epochs", "2",
+        "--num_workers", "0", "--num_mask_patches", "20", "--min_mask_patches_per_block", "4",
+        "--output", str(out), "--no_progress", "--log_every", "1", "--amp", "none", "--warmup_epochs", "1",
+        *extra,
+    ]
+
+
+def final_weights(out: Path):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_run_writes_checkpoint_metrics_and_plot(tiny_setup, tmp_path, capsys):
+    assert pretrain.main(tiny_args(tiny_setup, tmp_path)) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # 12 images / batch 4 = 3 steps a epoch
+    assert all(np.isfinite(r["loss"]) and 0 <= r["mlm_acc"] <= 1 for r in records)
+    assert records[0]["lr"] == 0.0 and records[2]["lr"] == pytest.approx(1.5e-3)  # warmup from 0
+    assert {"grad_norm", "img_per_s", "wd"} <= records[0].keys()
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 2
+    assert "loss" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(tiny_setup, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert pretrain.main(tiny_args(tiny_setup, straight)) == 0
+    assert pretrain.main(tiny_args(tiny_setup, split, "--max_steps", "3")) == 0
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["global_step"] == 3
+    assert pretrain.main(tiny_args(tiny_setup, split, "--resume", "auto")) == 0
+    a, b = final_weights(straight), final_weights(split)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_ctrl_c_saves_a_checkpoint_first(tiny_setup, tmp_path, monkeypatch, capsys):
+    real_step = pretrain.Trainer.step
+    calls = {"n": 0}
+
+    def interrupting(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(pretrain.Trainer, "step", interrupting)
+    assert pretrain.main(tiny_args(tiny_setup, tmp_path)) == 130
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["reason"] == "interrupted" and ckpt["global_step"] == 1 and ckpt["step_in_epoch"] == 1
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(pretrain.Trainer, "step", real_step)
+    assert pretrain.main(tiny_args(tiny_setup, tmp_path, "--resume", str(tmp_path / "checkpoint.pt"))) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 6
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
+    real_step = pretrain.Trainer.step
+
+    def exploding(self, batch):
+        stats = real_step(self, batch)
+        if self.global_step >= 4:
+            stats["loss"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(pretrain.Trainer, "step", exploding)
+    assert pretrain.main(tiny_args(tiny_setup, tmp_path)) == 3
+    assert "non-finite loss" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs(tiny_setup, tmp_path, amp):
+    args = tiny_args(tiny_setup, tmp_path, "--max_steps", "2")
+    args[args.index("--amp") + 1] = amp
+    assert pretrain.main(args) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--data": "/nonexistent/folder"}, "does not exist"),
+        ({"--model": "beit_gigantic"}, "unknown model"),
+        ({"--batch_size": "64"}, "no full batch"),
+        ({"--input_size": "30"}, "not divisible"),
+        ({"--second_input_size": "48"}, "second_input_size must be 64"),
+        ({"--num_mask_patches": "100"}, "bad masking settings"),
+        ({"--tokenizer": "/nonexistent/tok.safetensors"}, "not found"),
+    ],
+)
+def test_user_mistakes_get_one_clear_line(tiny_setup, tmp_path, change, message, capsys):
+    args = tiny_args(tiny_setup, tmp_path)
+    for flag, value in change.items():
+        args[args.index(flag) + 1] = value
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_empty_data_folder(tiny_setup, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = tiny_args(tiny_setup, tmp_path / "out")
+    args[args.index("--data") + 1] = str(tmp_path / "empty")
+    with pytest.raises(SystemExit):
+        pretrain.main(args)
+    assert "no images found" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_setup, tmp_path, capsys):
+    assert pretrain.main(tiny_args(tiny_setup, tmp_path, "--max_steps", "1")) == 0
+    args = tiny_args(tiny_setup, tmp_path, "--resume", "auto", "--model", "beit_small")
+    args.remove("--model"), args.remove("beit_tiny")
+    with pytest.raises(SystemExit):
+        pretrain.main(args)
+    assert "another model" in capsys.readouterr().err
+
+
+def test_ddp_on_two_cpu_processes(tiny_setup, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "fastbeit.pretrain", *tiny_args(tiny_setup, tmp_path, "--batch_size", "2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # 12 images over 2 ranks x batch 2 = 3 steps an epoch, logged once (rank 0) per step
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 6
+
+
+def test_out_of_the_box_demo_starts(tmp_path):
+    """The README's main job on the shipped sample and tokenizer (two steps here)."""
+    code = pretrain.main(["--amp", "bf16", "--max_steps", "2", "--output", str(tmp_path), "--no_progress",
+                          "--num_workers", "0", "--batch_size", "4"])
+    assert code == 0 and (tmp_path / "checkpoint.pt").is_file()
