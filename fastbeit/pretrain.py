@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_interpolation", default="bicubic")
     add("--second_interpolation", default="lanczos")
     add("--num_workers", type=int, default=None)
-    add("--loader", choices=("torch", "dali"), default="torch", help="data loader (dali: GPU decode)")
+    add("--loader", choices=("auto", "torch", "dali"), default="auto",
+        help="data loader: dali decodes and augments on the GPU; auto = dali on CUDA when installed, else torch")
     del g
 
     add("--model", default=None, help=f"one of {', '.join(PRESETS)}")
@@ -199,8 +200,42 @@ def build_mask_generator(args: argparse.Namespace, grid: int) -> MaskingGenerato
         raise UserError(f"bad masking settings: {exc}") from None
 
 
-def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo):
+class LoaderBundle:
+    """What the loop needs from a data loader, whichever kind it is."""
+
+    def __init__(self, loader, set_epoch, steps_per_epoch: int, num_images: int, name: str) -> None:
+        self.loader, self.set_epoch = loader, set_epoch
+        self.steps_per_epoch, self.num_images, self.name = steps_per_epoch, num_images, name
+
+
+def choose_loader(requested: str, device: str) -> str:
+    from fastbeit.data.dali import dali_available
+
+    if requested == "auto":
+        return "dali" if device.startswith("cuda") and dali_available() else "torch"
+    if requested == "dali" and not dali_available():
+        raise UserError("--loader dali needs NVIDIA DALI: pip install '.[dali]'")
+    return requested
+
+
+def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo) -> LoaderBundle:
+    """The torchvision DataLoader (CPU workers) or the DALI pipeline (GPU decode)."""
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (BEIT_MEAN, BEIT_STD)
+    kind = choose_loader(args.loader, args.device)
+    if kind == "dali":
+        from fastbeit.data.dali import DaliPretrainLoader
+
+        device = torch.device(args.device)
+        loader = DaliPretrainLoader(
+            args.data, batch_size=args.batch_size, input_size=args.input_size,
+            second_input_size=args.second_input_size, color_jitter=args.color_jitter, mean=mean, std=std,
+            device_id=(device.index or 0) if device.type == "cuda" else None, num_threads=max(1, args.num_workers),
+            shard_id=dist_info.rank, num_shards=dist_info.world_size, seed=args.seed,
+            progress=dist_info.is_main and not args.no_progress,
+        )
+        if len(loader) == 0:
+            raise UserError(f"the images under {args.data} give no full batch of {args.batch_size} per process")
+        return LoaderBundle(loader, loader.set_epoch, len(loader), loader.num_samples * dist_info.world_size, kind)
     views = TwoViewTransform(
         args.input_size, args.second_input_size, args.color_jitter,
         interpolation=args.train_interpolation, second_interpolation=args.second_interpolation, mean=mean, std=std,
@@ -214,9 +249,8 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
         pin_memory=args.device.startswith("cuda"), drop_last=True,
-        persistent_workers=False,
     )
-    return dataset, sampler, loader
+    return LoaderBundle(loader, sampler.set_epoch, sampler.batches_per_epoch(), len(dataset), kind)
 
 
 def autocast_context(args, device: torch.device):
@@ -284,10 +318,8 @@ class Trainer:
         self.mask_gen = build_mask_generator(args, self.cfg.grid[0])
         self.num_masked_static = args.num_mask_patches if args.mask_mode in ("exact", "random") else None
         self.gpu_masks = args.mask_sampler == "gpu"
-        self.dataset, self.sampler, self.loader = build_loader(
-            args, None if self.gpu_masks else self.mask_gen, self.dist
-        )
-        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        self.data = build_loader(args, None if self.gpu_masks else self.mask_gen, self.dist)
+        self.steps_per_epoch = self.data.steps_per_epoch
         wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
         self.lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, self.steps_per_epoch,
                                            args.warmup_epochs, args.warmup_lr, args.warmup_steps)
@@ -335,9 +367,13 @@ class Trainer:
         self.say(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}")
 
     def masks_for_step(self, batch_size: int) -> torch.Tensor:
+        """Masks drawn here when the loader ships none: on the GPU (one launch) or by the CPU generator."""
+        g = self.mask_gen
+        if not self.gpu_masks:
+            masks = [torch.from_numpy(g()).flatten() for _ in range(batch_size)]
+            return torch.stack(masks).bool().to(self.device, non_blocking=True)
         from fastbeit.kernels.block_mask import sample_block_masks
 
-        g = self.mask_gen
         return sample_block_masks(
             batch_size, g.shape, g.num_masking_patches, g.min_num_patches, g.max_num_patches,
             g.min_aspect, g.max_aspect, mode=g.mode, seed=self.args.seed,
@@ -348,7 +384,7 @@ class Trainer:
         args, dev = self.args, self.device
         images = batch[0].to(dev, non_blocking=True)
         token_view = batch[1].to(dev, non_blocking=True)
-        mask = self.masks_for_step(images.shape[0]) if self.gpu_masks else batch[2].to(dev, non_blocking=True)
+        mask = batch[2].to(dev, non_blocking=True) if len(batch) > 2 else self.masks_for_step(images.shape[0])
         it = min(self.global_step, len(self.lr_schedule) - 1)
         set_step_values(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
         with torch.no_grad(), autocast_context(args, dev):
@@ -360,11 +396,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        params = self.model.parameters()
-        if args.clip_grad and args.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        max_norm = args.clip_grad if args.clip_grad and args.clip_grad > 0 else float("inf")  # inf: measure only
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -380,7 +413,8 @@ class Trainer:
             total_steps = min(total_steps, args.max_steps)
         self.say(
             f"pre-training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params) on "
-            f"{len(self.dataset)} images from {args.data}: {args.epochs} epochs x {self.steps_per_epoch} steps, "
+            f"{self.data.num_images} images from {args.data} ({self.data.name} loader): "
+            f"{args.epochs} epochs x {self.steps_per_epoch} steps, "
             f"batch {args.batch_size} x {self.dist.world_size} process(es), amp {args.amp}, device {self.device}"
         )
         first_loss = last_loss = None
@@ -389,11 +423,11 @@ class Trainer:
                    disable=args.no_progress or not self.dist.is_main, dynamic_ncols=True)
         try:
             while epoch < args.epochs and self.global_step < total_steps:
-                self.sampler.set_epoch(epoch, step_in_epoch)
+                self.data.set_epoch(epoch, step_in_epoch)
                 window: List[Dict[str, torch.Tensor]] = []
                 window_start, window_images = time.time(), 0
                 bar.set_description(f"epoch {epoch}")
-                for batch in self.loader:
+                for batch in self.data.loader:
                     stats = self.step(batch)
                     self.global_step += 1
                     step_in_epoch += 1

@@ -177,3 +177,16 @@ def test_out_of_the_box_demo_starts(tmp_path):
     code = pretrain.main(["--amp", "bf16", "--max_steps", "2", "--output", str(tmp_path), "--no_progress",
                           "--num_workers", "0", "--batch_size", "4"])
     assert code == 0 and (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_dali_loader_in_cpu_mode_trains(tiny_setup, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    args = tiny_args(tiny_setup, tmp_path, "--loader", "dali", "--max_steps", "2", "--num_workers", "1")
+    assert pretrain.main(args) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 2
+
+
+def test_gpu_mask_sampler_path_trains(tiny_setup, tmp_path):
+    """--mask_sampler gpu runs the Triton sampler (interpreted on CPU in tests); the loader ships no masks."""
+    args = tiny_args(tiny_setup, tmp_path, "--mask_sampler", "gpu", "--mask_mode", "exact", "--max_steps", "2")
+    assert pretrain.main(args) == 0
