@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastbeit.kernels import interpreting
 from fastbeit.kernels.attention import attention_reference, flash_attention
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastbeit.kernels.block_mask import sample_block_masks, sample_block_masks_reference
 from fastbeit.kernels.gathered_ce import gathered_cross_entropy, gathered_cross_entropy_reference
 from fastbeit.kernels.masked_embed import masked_embed, masked_embed_reference

@@ -35,6 +35,7 @@ import math
 from typing import Any, Optional
 
 import torch
+
 from fastbeit.kernels import interpreting, triton_available, use_triton
 
 try:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from fastbeit.kernels import interpreting, use_triton
 
+from fastbeit.kernels import interpreting, use_triton
 from fastbeit.masking import MaskingGenerator
 
 _MODES = {"blockwise": 0, "exact": 1, "random": 2}

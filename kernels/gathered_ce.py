@@ -37,27 +37,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 from fastbeit.kernels import interpreting, use_triton
+from fastbeit.kernels.triton_helpers import cast_rne, round_to_bf16
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SCRATCH_ELEMENTS = 1 << 24  # backward dlogits chunk: rows * V at most this (64 MiB fp32, 32 MiB bf16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """float32 -> nearest-even bf16 value, still float32 (the interpreter truncates on casts)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr):
-    """float32 -> DTYPE with round-to-nearest-even on the GPU and in the interpreter alike."""
-    if DTYPE == tl.bfloat16:
-        x = _round_to_bf16(x)
-    return x.to(DTYPE)
 
 
 @triton.jit
@@ -67,7 +53,7 @@ def _operand(x, DOT: tl.constexpr, INTERP: tl.constexpr):
     if INTERP:
         x = x.to(tl.float32)
         if DOT == tl.bfloat16:
-            x = _round_to_bf16(x)
+            x = round_to_bf16(x)
         elif DOT == tl.float16:
             x = x.to(tl.float16).to(tl.float32)
         return x
@@ -163,7 +149,7 @@ def _ce_dlogits_kernel(
     prob = tl.exp(logits - lse[:, None])
     ds = (prob - (cols[None, :] == tgt[:, None]).to(tl.float32)) * scale
     offs = r.to(tl.int64)[:, None] * V + cols[None, :]
-    tl.store(ds_ptr + offs, _cast(ds, ds_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ds_ptr + offs, cast_rne(ds, ds_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -188,7 +174,7 @@ def _ce_dhidden_kernel(
                     mask=v_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(_operand(ds, DOT, INTERP), _operand(w, DOT, INTERP), acc, input_precision=PRECISION)
     pos = tl.load(rows_ptr + r, mask=row_ok, other=0)
-    tl.store(dh_ptr + pos[:, None] * D + d[None, :], _cast(acc, dh_ptr.dtype.element_ty),
+    tl.store(dh_ptr + pos[:, None] * D + d[None, :], cast_rne(acc, dh_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 

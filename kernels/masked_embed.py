@@ -19,24 +19,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
 from fastbeit.kernels import use_triton
+from fastbeit.kernels.triton_helpers import cast_rne
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """float32 -> nearest-even bf16 value, still float32 (the interpreter truncates on casts)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr):
-    if DTYPE == tl.bfloat16:
-        x = _round_to_bf16(x)
-    return x.to(DTYPE)
 
 
 @triton.jit
@@ -66,7 +53,7 @@ def _masked_embed_fwd(
     out_ok = row_ok[:, None] & d_ok[None, :]
     if HAS_POS:
         x += tl.load(pos_ptr + t[:, None] * s_post + d[None, :] * s_posd, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * D + d[None, :], _cast(x, out_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], cast_rne(x, out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -98,7 +85,7 @@ def _masked_embed_bwd(
         mtok += g * w[:, None]
         dpatch = g * (1.0 - w[:, None])
         tl.store(dpatch_ptr + (b64 * N + n[:, None]) * D + d[None, :],
-                 _cast(dpatch, dpatch_ptr.dtype.element_ty), mask=patch_ok)
+                 cast_rne(dpatch, dpatch_ptr.dtype.element_ty), mask=patch_ok)
     part = pid_b.to(tl.int64) * (N + 1) + t[:, None]
     tl.store(colsum_ptr + part * D + d[None, :], colsum, mask=tile_ok)
     mtok_row = pid_b.to(tl.int64) * tl.num_programs(0) + pid_t

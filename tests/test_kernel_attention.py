@@ -17,10 +17,11 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fastbeit.kernels import attention as attn_mod
 from fastbeit.kernels import interpreting
 from fastbeit.kernels.attention import attention_reference, flash_attention, supports
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if interpreting():
     DEVICE = "cpu"

@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastbeit.kernels import block_mask
 from fastbeit.kernels.block_mask import sample_block_masks, sample_block_masks_reference
-
 from fastbeit.masking import MaskingGenerator
 
 CPU = torch.device("cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastbeit.kernels import gathered_ce
 from fastbeit.kernels.gathered_ce import (
     GatheredCrossEntropyFunction,

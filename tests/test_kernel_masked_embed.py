@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastbeit.kernels import masked_embed as masked_embed_module
 from fastbeit.kernels.masked_embed import masked_embed, masked_embed_reference
 

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers import TINY, tiny_pair, variable_masks
 
 from fastbeit.config import make_config
 from fastbeit.errors import UserError
 from fastbeit.layers import relative_position_index
 from fastbeit.model import create_model
 from fastbeit.reference import create_reference_model
-
-from helpers import TINY, tiny_pair, variable_masks
 
 
 def run_step(model, images, masks, ids):
@@ -65,7 +64,8 @@ def test_state_dict_keys_follow_the_original_names():
     ]:
         assert key in keys, key
     assert "blocks.0.attn.qkv.bias" not in keys  # k has no bias: q_bias / v_bias only
-    per_layer = set(create_model("beit_tiny", **TINY, use_rel_pos_bias=True, use_shared_rel_pos_bias=False).state_dict())
+    per_layer_model = create_model("beit_tiny", **TINY, use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
+    per_layer = set(per_layer_model.state_dict())
     assert "blocks.1.attn.relative_position_bias_table" in per_layer
     assert not any(k.startswith("rel_pos_bias") for k in per_layer)
 

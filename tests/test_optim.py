@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from helpers import TINY
 
 from fastbeit.model import create_model
 from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, set_step_values
-
-from helpers import TINY
 
 
 def test_decay_groups_follow_the_original_rules():
