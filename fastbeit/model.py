@@ -181,6 +181,25 @@ class BeitForMaskedImageModeling(BeitEncoder):
         )
         return MIMOutput(loss, acc)
 
+    def forward_pixel_loss(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> MIMOutput:
+        """The paper's pixel-regression ablation: ``lm_head`` (``vocab_size = 3·patch²`` outputs)
+        regresses the masked patches' normalized pixels with a mean squared error."""
+        x = self.forward_features(images, bool_masked_pos)[:, 1:]
+        pred = self.lm_head(x[bool_masked_pos]).float()
+        target = patchify(images, self.cfg.patch_size)[bool_masked_pos].float()
+        if pred.shape[-1] != target.shape[-1]:
+            raise ValueError(f"pixel targets need vocab_size = {target.shape[-1]} (3·patch²), got {pred.shape[-1]}")
+        loss = torch.nn.functional.mse_loss(pred, target)
+        return MIMOutput(loss, torch.full_like(loss, float("nan")))
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B, N, patch²·C]`` in row-major patch order (the token order)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
 
 def create_model(name: str = "beit_base", **overrides) -> BeitForMaskedImageModeling:
     """A pre-training model from a preset name with config fields overridden."""

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer: a fastbeit .safetensors file or DALL-E's encoder.pkl (unpickled: only a file you trust); "
         "default: the small one shipped in the package")
 
+    add("--target", choices=("tokens", "pixels"), default="tokens",
+        help="what masked patches predict: visual tokens (BEiT) or normalized pixels (the paper's ablation)")
     add("--num_mask_patches", type=int, default=75)
     add("--min_mask_patches_per_block", type=int, default=16)
     add("--max_mask_patches_per_block", type=int, default=None)
@@ -287,8 +289,11 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, mask, token_ids, num_masked: Optional[int] = None):
-        out = self.model.forward_loss(images, mask, token_ids, num_masked)
+    def forward(self, images, mask, token_ids: Optional[torch.Tensor], num_masked: Optional[int] = None):
+        if token_ids is None:
+            out = self.model.forward_pixel_loss(images, mask)
+        else:
+            out = self.model.forward_loss(images, mask, token_ids, num_masked)
         return out.loss, out.mlm_acc
 
 
@@ -311,8 +316,11 @@ class Trainer:
 
         self.out = Path(args.output)
         self.ckpt_path = self.out / "checkpoint.pt"
-        self.tokenizer = build_tokenizer(args.tokenizer, self.device)
-        vocab = int(self.tokenizer.config.vocab_size)
+        if args.target == "tokens":
+            self.tokenizer = build_tokenizer(args.tokenizer, self.device)
+            vocab = int(self.tokenizer.config.vocab_size)
+        else:
+            self.tokenizer, vocab = None, 3 * args.patch_size**2
         self.model = build_model(args, vocab).to(self.device)
         self.cfg = self.model.cfg
         self.mask_gen = build_mask_generator(args, self.cfg.grid[0])
@@ -387,8 +395,10 @@ class Trainer:
         mask = batch[2].to(dev, non_blocking=True) if len(batch) > 2 else self.masks_for_step(images.shape[0])
         it = min(self.global_step, len(self.lr_schedule) - 1)
         set_step_values(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
-        with torch.no_grad(), autocast_context(args, dev):
-            token_ids = self.tokenizer.encode(token_view).flatten(1)
+        token_ids = None
+        if self.tokenizer is not None:
+            with torch.no_grad(), autocast_context(args, dev):
+                token_ids = self.tokenizer.encode(token_view).flatten(1)
         with autocast_context(args, dev):
             loss, mlm_acc = self.train_model(images, mask, token_ids, self.num_masked_static)
         if self.scaler is not None:
@@ -438,7 +448,7 @@ class Trainer:
                         record = self.log_window(window, window_start, window_images, epoch)
                         first_loss = record["loss"] if first_loss is None else first_loss
                         last_loss = record["loss"]
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['mlm_acc']:.3f}",
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['mlm_acc']:.3f}",  # nan for pixels
                                         lr=f"{record['lr']:.2e}")
                         window_start, window_images, window = time.time(), 0, []
                     if self.global_step >= total_steps:
@@ -495,8 +505,8 @@ class Trainer:
               f"plot {self.out / 'curves.png'}")
         if first_loss is not None:
             trend = "fell" if last_loss < first_loss else "did not fall"
-            print(f"loss {trend} from {first_loss:.3f} to {last_loss:.3f} (ln(vocab) = "
-                  f"{math.log(self.cfg.vocab_size):.3f} is chance)")
+            chance = f" (ln(vocab) = {math.log(self.cfg.vocab_size):.3f} is chance)" if self.tokenizer else ""
+            print(f"loss {trend} from {first_loss:.3f} to {last_loss:.3f}{chance}")
         if self.args.demo:
             print("This was the built-in sample. On real data:\n"
                   "  python -m fastbeit.pretrain --data /path/to/images --model beit_base --batch-size 128 "

@@ -190,3 +190,25 @@ def test_gpu_mask_sampler_path_trains(tiny_setup, tmp_path):
     """--mask_sampler gpu runs the Triton sampler (interpreted on CPU in tests); the loader ships no masks."""
     args = tiny_args(tiny_setup, tmp_path, "--mask_sampler", "gpu", "--mask_mode", "exact", "--max_steps", "2")
     assert pretrain.main(args) == 0
+
+
+def test_pixel_regression_target(tiny_setup, tmp_path):
+    """The paper's ablation: no tokenizer, the head regresses the masked patches' pixels."""
+    args = tiny_args(tiny_setup, tmp_path, "--target", "pixels", "--max_steps", "3")
+    assert pretrain.main(args) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["model"]["lm_head.weight"].shape == (3 * 4 * 4, 192)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+
+
+def test_patchify_follows_token_order():
+    from fastbeit.model import patchify
+
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    patches = patchify(images, 4)
+    assert patches.shape == (2, 4, 48)
+    # patch 1 is the top-right 4x4 block; its first pixel (row 0, col 4) of every channel
+    assert patches[0, 1, :3].tolist() == [images[0, c, 0, 4].item() for c in range(3)]
+    conv_order = images.unfold(2, 4, 4).unfold(3, 4, 4)  # [B, C, 2, 2, 4, 4]
+    assert torch.equal(patches[1, 3].reshape(4, 4, 3).permute(2, 0, 1), conv_order[1, :, 1, 1])
