@@ -15,6 +15,7 @@ setup(
         "fastbeit.tokenizer",
         "fastbeit.kernels",
         "fastbeit.experiments",
+        "fastbeit.segmentation",
     ],
     package_dir={"fastbeit.kernels": "kernels"},
     package_data={"fastbeit": ["assets/*.safetensors", "assets/*.json", "assets/sample/*", "assets/sample/*/*", "assets/*.png"]},
@@ -42,6 +43,10 @@ setup(
     entry_points={
         "console_scripts": [
             "fastbeit-pretrain=fastbeit.pretrain:main",
+            "fastbeit-finetune=fastbeit.finetune:main",
+            "fastbeit-linprobe=fastbeit.linprobe:main",
+            "fastbeit-segment=fastbeit.segment:main",
+            "fastbeit-convert=fastbeit.interchange:main",
         ]
     },
 )

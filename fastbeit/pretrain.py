@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("--model", default=None, help=f"one of {', '.join(PRESETS)}")
     add("--patch_size", type=int, default=16)
+    add("--depth", type=int, default=None, help="override the preset's depth (small experiments)")
     add("--drop_path", type=float, default=0.1)
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale")
     add("--rel_pos_bias", action="store_true", help="one relative position table per layer")
@@ -178,6 +179,7 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImage
         vocab_size=vocab_size,
         attn_backend=args.attn,
         kernels=args.kernels,
+        depth=args.depth,
     )
     return BeitForMaskedImageModeling(cfg)
 

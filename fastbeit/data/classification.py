@@ -1,0 +1,208 @@
+"""Data for fine-tuning: class-folder datasets, the train / eval transforms, mixup and cutmix.
+
+The original recipe (timm's ``create_transform`` and ``Mixup``): RandomResizedCrop (bicubic) →
+horizontal flip → RandAugment ``rand-m9-mstd0.5-inc1`` → normalize → RandomErasing (p 0.25,
+per-pixel noise); mixup α 0.8 / cutmix α 1.0, switching with probability 0.5, one mixing
+factor per batch, label smoothing 0.1 folded into the soft targets.
+
+RandAugment is built from torchvision's ops instead of timm's. Same as timm: two ops a image,
+each applied with probability 0.5, magnitude 9 of 10 with Gaussian noise (std 0.5) clipped to
+[0, 10], signed "increasing" colour ops, posterize and solarize that get stronger with the
+magnitude. Different: torchvision's op list has Identity and lacks Invert and SolarizeAdd, and
+its maximum translation is 150/331 of the side (timm: 0.45); the magnitude 0–10 is mapped to
+torchvision's 31 bins as ``round(3 m)``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torchvision import transforms as T
+
+from fastbeit.data.folder import ImageFolderDataset
+from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, INTERPOLATIONS
+from fastbeit.errors import UserError
+
+DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+MAX_LEVEL = 10.0  # timm's magnitude scale
+TV_BINS = 31  # torchvision RandAugment bins 0..30
+
+
+class RandAugment:
+    """timm-style RandAugment on torchvision's ops (see the module docstring for the differences)."""
+
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
+                 fill: Optional[Sequence[int]] = None) -> None:
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.fill = list(fill) if fill is not None else None
+
+    def __call__(self, img):
+        for _ in range(self.num_ops):
+            if random.random() > self.prob:
+                continue
+            level = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+            level = min(MAX_LEVEL, max(0.0, level))
+            bins = round(level * (TV_BINS - 1) / MAX_LEVEL)
+            img = T.RandAugment(num_ops=1, magnitude=bins, num_magnitude_bins=TV_BINS, fill=self.fill)(img)
+        return img
+
+    def __repr__(self) -> str:
+        return (f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+                f"magnitude_std={self.magnitude_std}, prob={self.prob})")
+
+
+def parse_auto_augment(spec: Optional[str], mean: Sequence[float] = BEIT_MEAN) -> Optional[RandAugment]:
+    """``rand-m9-mstd0.5-inc1`` (timm's syntax: ``n`` ops, ``m`` magnitude, ``mstd``, ``p``; ``inc``
+    is accepted: torchvision's ops already increase with the magnitude) → :class:`RandAugment`;
+    ``none`` or empty → None."""
+    if not spec or spec.lower() == "none":
+        return None
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise UserError(f"--aa {spec!r}: only RandAugment ('rand-m9-mstd0.5-inc1') or 'none' is supported")
+    options = dict(num_ops=2, magnitude=9.0, magnitude_std=0.0, prob=0.5)
+    names = {"n": "num_ops", "m": "magnitude", "mstd": "magnitude_std", "p": "prob"}
+    for part in parts[1:]:
+        match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
+        if not match or match.group(1) not in (*names, "inc"):
+            raise UserError(f"--aa {spec!r}: cannot read {part!r} (known: n, m, mstd, p, inc)")
+        if match.group(1) != "inc":
+            key = names[match.group(1)]
+            options[key] = int(float(match.group(2))) if key == "num_ops" else float(match.group(2))
+    fill = [min(255, round(255 * m)) for m in mean]
+    return RandAugment(fill=fill, **options)
+
+
+def build_train_transform(
+    input_size: int, auto_augment: Optional[str] = DEFAULT_AUTO_AUGMENT, reprob: float = 0.25,
+    interpolation: str = "bicubic", mean: Sequence[float] = BEIT_MEAN, std: Sequence[float] = BEIT_STD,
+    scale: Tuple[float, float] = (0.08, 1.0), hflip: float = 0.5,
+) -> T.Compose:
+    """The original fine-tuning augmentation (timm's ``create_transform(is_training=True)``)."""
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {interpolation!r}; choose from {sorted(INTERPOLATIONS)}")
+    steps = [T.RandomResizedCrop(input_size, scale=scale, interpolation=INTERPOLATIONS[interpolation]),
+             T.RandomHorizontalFlip(hflip)]
+    augment = parse_auto_augment(auto_augment, mean)
+    if augment is not None:
+        steps.append(augment)
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if reprob > 0:
+        steps.append(T.RandomErasing(p=reprob, value="random"))
+    return T.Compose(steps)
+
+
+def build_eval_transform(
+    input_size: int, mean: Sequence[float] = BEIT_MEAN, std: Sequence[float] = BEIT_STD,
+    crop_pct: Optional[float] = None, interpolation: str = "bicubic",
+) -> T.Compose:
+    """Resize the short side to ``size / crop_pct`` then centre-crop (crop_pct 0.875 below 384 px);
+    at 384 px and above the original resizes straight to ``size × size``."""
+    mode = INTERPOLATIONS[interpolation]
+    if crop_pct is None:
+        crop_pct = 0.875 if input_size < 384 else 1.0
+    if crop_pct >= 1.0:
+        steps = [T.Resize((input_size, input_size), interpolation=mode)]
+    else:
+        steps = [T.Resize(int(input_size / crop_pct), interpolation=mode), T.CenterCrop(input_size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixup / cutmix
+
+
+def smooth_one_hot(targets: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Soft targets: ``1 - s + s/K`` on the label, ``s/K`` elsewhere (timm's convention)."""
+    off = smoothing / num_classes
+    out = torch.full((targets.shape[0], num_classes), off, device=targets.device)
+    return out.scatter_(1, targets.view(-1, 1), 1.0 - smoothing + off)
+
+
+def cutmix_box(height: int, width: int, lam: float, rng: random.Random) -> Tuple[int, int, int, int]:
+    """A box of about ``(1 - lam)`` of the image, centred uniformly, clipped to the image."""
+    ratio = (1.0 - lam) ** 0.5
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = rng.randrange(height), rng.randrange(width)
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return top, bottom, left, right
+
+
+class MixupCutmix:
+    """Mix each batch with itself reversed: mixup (λ ~ Beta(α, α)) or cutmix (a pasted box, λ
+    corrected to the pasted area), one λ per batch, targets mixed with the same λ."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, label_smoothing: float = 0.1, rng: Optional[random.Random] = None) -> None:
+        self.num_classes = num_classes
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.prob, self.switch_prob, self.label_smoothing = prob, switch_prob, label_smoothing
+        self.rng = rng if rng is not None else random.Random()
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def sample(self) -> Tuple[float, bool]:
+        """(λ, use cutmix) for one batch."""
+        if not self.active or self.rng.random() >= self.prob:
+            return 1.0, False
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or self.rng.random() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        return self.rng.betavariate(alpha, alpha), use_cutmix
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        lam, use_cutmix = self.sample()
+        images = images.clone()
+        if lam < 1.0:
+            flipped = images.flip(0)
+            if use_cutmix:
+                top, bottom, left, right = cutmix_box(images.shape[-2], images.shape[-1], lam, self.rng)
+                images[..., top:bottom, left:right] = flipped[..., top:bottom, left:right]
+                lam = 1.0 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
+            else:
+                images = images * lam + flipped * (1.0 - lam)
+        soft = smooth_one_hot(targets, self.num_classes, self.label_smoothing)
+        return images, soft * lam + soft.flip(0) * (1.0 - lam)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(target · log_softmax(logits))``."""
+    return torch.sum(-soft_targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def class_folders(root: str | Path) -> list:
+    """The first-level sub-folders of ``root`` (the class names), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def class_folder_datasets(
+    train_root: str | Path, val_root: str | Path, train_transform, val_transform, nb_classes: Optional[int] = None,
+) -> Tuple[ImageFolderDataset, ImageFolderDataset, list]:
+    """Train and val datasets that share one class list; clear errors for mismatches."""
+    train_classes, val_classes = class_folders(train_root), class_folders(val_root)
+    if not train_classes:
+        raise UserError(f"{train_root} has no class sub-folders (expected {train_root}/<class>/<image>)")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise UserError(f"the class folders of {train_root} and {val_root} differ: only in train {only_train[:10]}, "
+                        f"only in val {only_val[:10]}")
+    if nb_classes is not None and nb_classes < len(train_classes):
+        raise UserError(f"--nb_classes {nb_classes} is too small: {train_root} has {len(train_classes)} class folders "
+                        f"(labels 0..{len(train_classes) - 1})")
+    train = ImageFolderDataset(train_root, train_transform, with_labels=True, classes=train_classes)
+    val = ImageFolderDataset(val_root, val_transform, with_labels=True, classes=train_classes)
+    return train, val, train_classes
