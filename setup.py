@@ -18,7 +18,9 @@ setup(
         "fastbeit.segmentation",
     ],
     package_dir={"fastbeit.kernels": "kernels"},
-    package_data={"fastbeit": ["assets/*.safetensors", "assets/*.json", "assets/sample/*", "assets/sample/*/*", "assets/*.png"]},
+    package_data={
+        "fastbeit": ["assets/*.safetensors", "assets/*.json", "assets/*.png", "assets/sample/*", "assets/sample/*/*"]
+    },
     install_requires=[
         "torch>=2.4",
         "torchvision",
