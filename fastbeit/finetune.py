@@ -21,7 +21,6 @@ processes / 1024``; an explicit ``--lr`` is used as it is.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import random
 import sys
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -37,6 +35,7 @@ from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
 from fastbeit.classifier import BeitForImageClassification, layer_decay_groups, load_pretrained, topk_correct
+from fastbeit.cli import amp_context, flag_adder, start_run
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config
 from fastbeit.data.classification import (
     DEFAULT_AUTO_AUGMENT,
@@ -48,7 +47,7 @@ from fastbeit.data.classification import (
 )
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
-from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
@@ -56,18 +55,6 @@ from fastbeit.optim import build_adamw, cosine_schedule, set_step_values
 
 REFERENCE_LR, REFERENCE_BATCH = 4e-3, 1024
 ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
-
-
-def flag_adder(parser: argparse.ArgumentParser):
-    """``add("--input_size", ...)`` registers the original underscore name and the dashed spelling."""
-
-    def add(*names: str, **kw: Any) -> None:
-        spellings = []
-        for n in names:
-            spellings += [n] if "_" not in n else [n, n.replace("_", "-")]
-        parser.add_argument(*dict.fromkeys(spellings), **kw)
-
-    return add
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,13 +140,6 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def amp_context(amp: str, device: torch.device):
-    """bf16 / fp16 autocast, or nothing."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def preset_name(cfg: BeitConfig) -> str:
     for name, fields in PRESETS.items():
         if all(getattr(cfg, k) == v for k, v in fields.items() if k != "init_values"):
@@ -225,14 +205,7 @@ class FineTuner:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.dist = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
-        if args.device == "cuda" and self.dist.enabled:
-            args.device = f"cuda:{self.dist.local_rank}"
-        self.device = torch.device(args.device)
-        seed = args.seed + self.dist.rank
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
+        self.dist, self.device = start_run(args)
         self.out = Path(args.output)
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.resume_ckpt = self.resume_checkpoint()

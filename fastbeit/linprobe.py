@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save
 from fastbeit.classifier import BeitForImageClassification, load_pretrained, topk_correct
+from fastbeit.cli import amp_context, flag_adder
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, BeitConfig
 from fastbeit.data.classification import build_eval_transform, class_folder_datasets
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastbeit.errors import UserError, cli_entry
-from fastbeit.finetune import amp_context, flag_adder
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import cosine_schedule

@@ -13,7 +13,6 @@ schedule with linear warmup from 0, gradient clipping, bf16/fp16 autocast, atomi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -32,6 +31,7 @@ from fastbeit.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from fastbeit.cli import amp_context, flag_adder, start_run
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
 from fastbeit.data.folder import ImageFolderDataset
 from fastbeit.data.sampler import ResumableSampler
@@ -43,7 +43,7 @@ from fastbeit.data.transforms import (
     BeitPretrainTransform,
     TwoViewTransform,
 )
-from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
@@ -71,13 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def add(*names: str, **kw: Any) -> None:
-        """Register the original underscore name and the dashed spelling of a flag."""
-        spellings = []
-        for n in names:
-            spellings += [n] if "_" not in n else [n, n.replace("_", "-")]
-        p.add_argument(*dict.fromkeys(spellings), **kw)
-
+    add = flag_adder(p)
     g = p.add_argument_group("data")
     add("--data", "--data_path", default=None, help="image folder (recursive); default: built-in sample")
     add("--input_size", type=int, default=224, help="patch-view size")
@@ -257,13 +251,6 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
     return LoaderBundle(loader, sampler.set_epoch, sampler.batches_per_epoch(), len(dataset), kind)
 
 
-def autocast_context(args, device: torch.device):
-    if args.amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
                     global_step: int, reason: str) -> None:
     raw = model
@@ -304,17 +291,7 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.dist = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
-        if args.device == "cuda" and self.dist.enabled:
-            args.device = f"cuda:{self.dist.local_rank}"
-        self.device = torch.device(args.device)
-        torch.manual_seed(args.seed + self.dist.rank)
-        import random
-
-        import numpy as np
-
-        random.seed(args.seed + self.dist.rank)
-        np.random.seed(args.seed + self.dist.rank)
+        self.dist, self.device = start_run(args)
 
         self.out = Path(args.output)
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -399,9 +376,9 @@ class Trainer:
         set_step_values(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
         token_ids = None
         if self.tokenizer is not None:
-            with torch.no_grad(), autocast_context(args, dev):
+            with torch.no_grad(), amp_context(args.amp, dev):
                 token_ids = self.tokenizer.encode(token_view).flatten(1)
-        with autocast_context(args, dev):
+        with amp_context(args.amp, dev):
             loss, mlm_acc = self.train_model(images, mask, token_ids, self.num_masked_static)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

@@ -16,7 +16,6 @@ mIoU / per-class IoU / pixel accuracy. Writes ``last.pt`` and ``best.pt`` (atomi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
+from fastbeit.cli import amp_context, flag_adder
 from fastbeit.config import ATTN_BACKENDS, PRESETS, BeitConfig, make_config
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -56,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def add(*names: str, **kw: Any) -> None:
-        """Each flag under its underscore name and its dashed spelling."""
-        spellings = [s for n in names for s in (n, n.replace("_", "-"))]
-        p.add_argument(*dict.fromkeys(spellings), **kw)
+    add = flag_adder(p)
 
     add("--data", default=None, help="dataset root: DATA/{train,val,test}/{images,labels}")
     add("--train_split", default="train")
@@ -285,9 +282,7 @@ class Trainer:
         tqdm.write(f"resumed from {self.args.resume}: epoch {self.start_epoch}, step {self.global_step}")
 
     def autocast(self):
-        if self.args.amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return amp_context(self.args.amp, self.device)
 
     # --- one step / one evaluation -----------------------------------------------------------
 

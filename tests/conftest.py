@@ -1,4 +1,8 @@
-"""Test set-up: Triton kernels run in the interpreter on CPU; tiny thread counts keep CI fast."""
+"""Test set-up: Triton kernels run in the interpreter on CPU; one intra-op thread keeps CI fast.
+
+The suite's models are tiny: a second OpenMP thread buys nothing there and, on a busy 2-core
+machine, made tiny ops tens of times slower (measured while several suites ran at once).
+"""
 
 import os
 
@@ -10,7 +14,7 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

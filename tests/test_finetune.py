@@ -42,13 +42,6 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, vocab
 PER_LAYER = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the CPUs are shared, and spinning OpenMP threads make a busy machine far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_pretrained(**overrides) -> BeitForMaskedImageModeling:

@@ -19,12 +19,6 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, vocab
 PER_LAYER = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:

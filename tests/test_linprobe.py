@@ -17,12 +17,6 @@ from fastbeit.model import BeitForMaskedImageModeling
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, vocab_size=97, drop_path_rate=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,6 @@ from fastbeit.segmentation.model import BeitSegmenter, HeadConfig
 from fastbeit.segmentation.optim import layer_decay_groups, learning_rate
 from fastbeit.segmentation.pretrained import load_pretrained_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread makes tiny ops ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, drop_path_rate=0.0)
 
 

@@ -19,13 +19,6 @@ from fastbeit.tokenizer.dvae import DiscreteVAE, DVAEConfig, save_tokenizer
 TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3, vocab_size=64, drop_path_rate=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread makes tiny ops ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(**overrides) -> BeitForMaskedImageModeling:

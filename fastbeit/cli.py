@@ -1,0 +1,44 @@
+"""What every training CLI shares: flag spellings, autocast, and starting a (distributed) run."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+from typing import Any, Callable, Tuple
+
+import numpy as np
+import torch
+
+from fastbeit.distributed import DistInfo, init_distributed
+
+AMP_CHOICES = ("bf16", "fp16", "none")
+
+
+def flag_adder(parser: argparse.ArgumentParser) -> Callable[..., None]:
+    """``add("--input_size", ...)`` registers the original underscore name and the dashed spelling."""
+
+    def add(*names: str, **kw: Any) -> None:
+        spellings = [s for n in names for s in (n, n.replace("_", "-"))]
+        parser.add_argument(*dict.fromkeys(spellings), **kw)
+
+    return add
+
+
+def amp_context(amp: str, device: torch.device):
+    """bf16 / fp16 autocast on ``device``, or nothing for ``"none"``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def start_run(args: argparse.Namespace) -> Tuple[DistInfo, torch.device]:
+    """Join torchrun's process group if any, pick this process's device, seed every RNG per rank."""
+    dist = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
+    if args.device == "cuda" and dist.enabled:
+        args.device = f"cuda:{dist.local_rank}"
+    seed = args.seed + dist.rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return dist, torch.device(args.device)
