@@ -6,12 +6,14 @@ import argparse
 import contextlib
 import os
 import random
-from typing import Any, Callable, Tuple
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
 from fastbeit.distributed import DistInfo, init_distributed
+from fastbeit.errors import UserError
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -24,6 +26,23 @@ def flag_adder(parser: argparse.ArgumentParser) -> Callable[..., None]:
         parser.add_argument(*dict.fromkeys(spellings), **kw)
 
     return add
+
+
+def add_run_flags(add: Callable[..., None], default_output: Optional[str]) -> None:
+    """The flags every run shares: where it writes, its seed, its device, its progress bar."""
+    add("--output", "--output_dir", default=default_output, help="folder for checkpoints, logs and plots")
+    add("--seed", type=int, default=0)
+    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add("--no_progress", action="store_true", help="no progress bar")
+
+
+def resolve_train_val(args: argparse.Namespace) -> None:
+    """``--data DIR`` means DIR/train and DIR/val unless ``--train`` / ``--val`` say otherwise."""
+    if args.data is None and (args.train is None or args.val is None):
+        raise UserError("give --data DIR (with DIR/train and DIR/val) or both --train and --val")
+    if args.data is not None:
+        args.train = args.train or str(Path(args.data) / "train")
+        args.val = args.val or str(Path(args.data) / "val")
 
 
 def amp_context(amp: str, device: torch.device):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
 from fastbeit.classifier import BeitForImageClassification, layer_decay_groups, load_pretrained, topk_correct
-from fastbeit.cli import amp_context, flag_adder, start_run
+from fastbeit.cli import add_run_flags, amp_context, flag_adder, resolve_train_val, start_run
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config
 from fastbeit.data.classification import (
     DEFAULT_AUTO_AUGMENT,
@@ -108,24 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_interpolation", default="bicubic")
     add("--amp", choices=("bf16", "fp16", "none"), default="bf16")
 
-    add("--output", "--output_dir", default="runs/finetune")
+    add_run_flags(add, "runs/finetune")
     add("--resume", default=None, help="a fine-tuning checkpoint, or 'auto' for OUTPUT/last.pt")
     add("--eval", action="store_true", help="only evaluate (--resume or a classifier --finetune)")
     add("--save_ckpt_freq", type=int, default=1, help="epochs between last.pt saves")
     add("--log_every", type=int, default=20, help="steps between training-loss logs")
-    add("--seed", type=int, default=0)
-    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add("--no_progress", action="store_true")
     return p
 
 
 def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.data is None and (args.train is None or args.val is None):
-        raise UserError("give --data DIR (with DIR/train and DIR/val) or both --train and --val")
-    if args.data is not None:
-        args.train = args.train or str(Path(args.data) / "train")
-        args.val = args.val or str(Path(args.data) / "val")
+    resolve_train_val(args)
     for name in ("train", "val"):
         if not Path(getattr(args, name)).is_dir():
             raise UserError(f"{name} folder {getattr(args, name)} does not exist (expected <class>/<image> inside)")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save
 from fastbeit.classifier import BeitForImageClassification, load_pretrained, topk_correct
-from fastbeit.cli import amp_context, flag_adder
+from fastbeit.cli import add_run_flags, amp_context, flag_adder, resolve_train_val
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, BeitConfig
 from fastbeit.data.classification import build_eval_transform, class_folder_datasets
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -67,20 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=256)
     add("--epochs", type=int, default=100)
     add("--warmup_epochs", type=float, default=0)
-    add("--output", "--output_dir", default="runs/linprobe")
-    add("--seed", type=int, default=0)
-    add("--device", default=None)
-    add("--no_progress", action="store_true")
+    add_run_flags(add, "runs/linprobe")
     return p
 
 
 def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.data is None and (args.train is None or args.val is None):
-        raise UserError("give --data DIR (with DIR/train and DIR/val) or both --train and --val")
-    if args.data is not None:
-        args.train = args.train or str(Path(args.data) / "train")
-        args.val = args.val or str(Path(args.data) / "val")
+    resolve_train_val(args)
     if args.lr is None:
         args.lr = 0.1 if args.opt == "sgd" else 1e-3
     if args.batch_size <= 0 or args.epochs <= 0:

@@ -31,7 +31,7 @@ from fastbeit.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from fastbeit.cli import amp_context, flag_adder, start_run
+from fastbeit.cli import add_run_flags, amp_context, flag_adder, start_run
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
 from fastbeit.data.folder import ImageFolderDataset
 from fastbeit.data.sampler import ResumableSampler
@@ -125,13 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--clip_grad", type=float, default=3.0, help="max grad norm (0 disables)")
     add("--amp", choices=("bf16", "fp16", "none"), default="bf16")
 
-    add("--output", "--output_dir", default=None)
     add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint.pt")
     add("--save_ckpt_freq", type=int, default=1, help="epochs between checkpoints")
     add("--log_every", type=int, default=10, help="steps between metric logs (host syncs)")
-    add("--seed", type=int, default=0)
-    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add("--no_progress", action="store_true", help="no progress bar")
+    add_run_flags(add, None)
     return p
 
 

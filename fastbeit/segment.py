@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
-from fastbeit.cli import amp_context, flag_adder
+from fastbeit.cli import add_run_flags, amp_context, flag_adder
 from fastbeit.config import ATTN_BACKENDS, PRESETS, BeitConfig, make_config
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -107,13 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval_every", type=int, default=10, help="epochs between evaluations (the last epoch always)")
     add("--eval_stride", type=int, default=None, help="sliding-window stride (default 2/3 of the crop)")
     add("--eval_only", action="store_true", help="evaluate the --resume checkpoint on --val_split and stop")
-    add("--output", "--output_dir", default="runs/segment")
+    add_run_flags(add, "runs/segment")
     add("--resume", default=None, help="a segmentation checkpoint, or 'auto' for OUTPUT/last.pt")
     add("--log_every", type=int, default=10, help="steps between training-loss logs")
     add("--num_workers", type=int, default=4)
-    add("--seed", type=int, default=0)
-    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add("--no_progress", action="store_true")
     return p
 
 
