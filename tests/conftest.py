@@ -8,6 +8,8 @@ import os
 
 # Must be set before the first @triton.jit function is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The CLIs under test size their thread pools from this (fastbeit.cli.leave_cores_for_workers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pathlib  # noqa: E402
 
