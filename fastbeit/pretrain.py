@@ -59,7 +59,7 @@ RECIPE_DEFAULTS: Dict[str, Any] = dict(
     output="runs/pretrain",
 )
 DEMO_DEFAULTS: Dict[str, Any] = dict(
-    model="beit_tiny", batch_size=16, epochs=5, lr=1.5e-3, warmup_epochs=1, num_workers=2,
+    model="beit_tiny", batch_size=16, epochs=4, lr=1.5e-3, warmup_epochs=1, num_workers=2,
     output="runs/demo",
 )
 
