@@ -307,7 +307,7 @@ for kernel, pointers, flags, config in jobs:
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter never compiles; this builds each kernel for sm_90 (Triton + its bundled
     ptxas, no GPU needed), catching type errors the interpreter lets through (~10 s)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     if run.returncode != 0 and "SKIP:" in run.stderr:
         pytest.skip(run.stderr.strip().splitlines()[-1])
