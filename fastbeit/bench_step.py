@@ -61,6 +61,7 @@ class StepOptions:
     exact_masks: bool = False  # topped-up masks + num_masked: static shapes, no sync in the gather
     host_sync: bool = False  # loss.item() every step, as the original training loop does
     compile: bool = False
+    compile_mode: str = "default"  # "reduce-overhead": CUDA graphs (needs static shapes: exact_masks)
 
 
 def mask_settings(grid: int) -> tuple[int, int]:
@@ -219,7 +220,9 @@ class Contender:
         self.device = self.images.device
         target = mask_settings(int(self.masks.shape[1] ** 0.5))[0]
         self.num_masked = target if self.options.exact_masks else None
-        self.forward = torch.compile(_LossModule(self.model)) if self.options.compile else _LossModule(self.model)
+        loss_module = _LossModule(self.model)
+        compiled = self.options.compile
+        self.forward = torch.compile(loss_module, mode=self.options.compile_mode) if compiled else loss_module
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property
@@ -360,6 +363,7 @@ def build_contender(
         contender=name, model=model_name, depth=cfg.depth, batch=batch, img_size=img_size,
         patch_size=patch_size, amp=amp, device=device_name(device), fused_adamw=fused, attn_backend=attn,
         kernels=kernels, compile=opts.compile, exact_masks=opts.exact_masks, host_sync=opts.host_sync,
+        compile_mode=opts.compile_mode if opts.compile else None,
         tokenizer=f"{tokenizer_size} (n_hid {tok_cfg.n_hid}, vocab {vocab_size})",
         tokenizer_size=tokenizer_size, vocab_size=vocab_size, masked_per_image=float(masks.sum()) / batch,
     )

@@ -54,8 +54,11 @@ ABLATIONS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "host-sync": ("host sync every step (loss.item(), as the original loop)", dict(host_sync=True)),
     "compile": ("torch.compile", dict(compile=True)),
     "compile-exact": ("torch.compile + exact-count masks", dict(compile=True, exact_masks=True)),
+    "cuda-graphs": ("CUDA graphs (torch.compile reduce-overhead) + exact-count masks",
+                    dict(compile=True, compile_mode="reduce-overhead", exact_masks=True)),
 }
-CPU_SKIPPED_ABLATIONS = ("compile", "compile-exact")  # compile time dwarfs a tiny CPU run; name them to force
+# Compile time dwarfs a tiny CPU run (and CUDA graphs need CUDA): name them to force them.
+CPU_SKIPPED_ABLATIONS = ("compile", "compile-exact", "cuda-graphs")
 GIB = 2**30
 
 
