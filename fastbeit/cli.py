@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
@@ -79,3 +80,20 @@ def start_run(args: argparse.Namespace) -> Tuple[DistInfo, torch.device]:
     random.seed(seed)
     np.random.seed(seed)
     return dist, torch.device(args.device)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss went NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+def tell_interrupted(step: int, checkpoint: Path) -> int:
+    """After Ctrl-C saved ``checkpoint``: say how to continue; the exit status for an interrupt."""
+    print(f"\ninterrupted at step {step}; checkpoint saved to {checkpoint}\ncontinue with: --resume {checkpoint}",
+          file=sys.stderr)
+    return 130
+
+
+def tell_non_finite(exc: Exception, checkpoint: Path) -> int:
+    """After a non-finite loss: say what is kept; the exit status for it."""
+    print(f"error: {exc}; stopping. The last good checkpoint ({checkpoint}) is kept.", file=sys.stderr)
+    return 3

@@ -35,7 +35,16 @@ from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
 from fastbeit.classifier import BeitForImageClassification, layer_decay_groups, load_pretrained, topk_correct
-from fastbeit.cli import add_run_flags, amp_context, flag_adder, resolve_train_val, start_run
+from fastbeit.cli import (
+    NonFiniteLoss,
+    add_run_flags,
+    amp_context,
+    flag_adder,
+    resolve_train_val,
+    start_run,
+    tell_interrupted,
+    tell_non_finite,
+)
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config
 from fastbeit.data.classification import (
     DEFAULT_AUTO_AUGMENT,
@@ -443,14 +452,10 @@ class FineTuner:
             bar.close()
             self.save(self.last_path, "interrupted")
             self.plot()
-            if self.dist.is_main:
-                print(f"\ninterrupted at step {self.global_step}; checkpoint saved to {self.last_path}\n"
-                      f"continue with: --resume {self.last_path}", file=sys.stderr)
-            return 130
+            return tell_interrupted(self.global_step, self.last_path) if self.dist.is_main else 130
         except NonFiniteLoss as exc:
             bar.close()
-            print(f"error: {exc}; stopping. The last good checkpoint ({self.last_path}) is kept.", file=sys.stderr)
-            return 3
+            return tell_non_finite(exc, self.last_path)
         bar.close()
         self.say(f"done: best top-1 {self.best_acc1:.2f}%; checkpoints {self.best_path} and {self.last_path}, "
                  f"metrics {self.out / 'metrics.jsonl'}, plot {self.out / 'curves.png'}")
@@ -469,10 +474,6 @@ class FineTuner:
         self.plot()
         self.say(f"epoch {self.epoch}: train loss {train_stats['train_loss']:.4f}, val top-1 {stats['acc1']:.2f}% "
                  f"top-5 {stats['acc5']:.2f}% (best {self.best_acc1:.2f}%)")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def build_trainer(argv: Optional[List[str]] = None) -> Tuple[FineTuner, argparse.Namespace]:

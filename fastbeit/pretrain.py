@@ -31,7 +31,15 @@ from fastbeit.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from fastbeit.cli import add_run_flags, amp_context, flag_adder, start_run
+from fastbeit.cli import (
+    NonFiniteLoss,
+    add_run_flags,
+    amp_context,
+    flag_adder,
+    start_run,
+    tell_interrupted,
+    tell_non_finite,
+)
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
 from fastbeit.data.folder import ImageFolderDataset
 from fastbeit.data.sampler import ResumableSampler
@@ -447,14 +455,11 @@ class Trainer:
                 save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, args,
                                 epoch, step_in_epoch, self.global_step, "interrupted")
                 self.plot()
-                print(f"\ninterrupted at step {self.global_step}; checkpoint saved to {self.ckpt_path}\n"
-                      f"continue with: --resume {self.ckpt_path}", file=sys.stderr)
+                return tell_interrupted(self.global_step, self.ckpt_path)
             return 130
         except NonFiniteLoss as exc:
             bar.close()
-            print(f"error: {exc}; stopping. The last good checkpoint ({self.ckpt_path}) is kept.",
-                  file=sys.stderr)
-            return 3
+            return tell_non_finite(exc, self.ckpt_path)
         bar.close()
         self.finish(first_loss, last_loss)
         return 0
@@ -493,10 +498,6 @@ class Trainer:
                   "  python -m fastbeit.pretrain --data /path/to/images --model beit_base --batch-size 128 "
                   "--amp bf16 --output runs/base\n"
                   "  torchrun --nproc-per-node 8 -m fastbeit.pretrain --data /path/to/images ...  (several GPUs)")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @cli_entry

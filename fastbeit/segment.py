@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
-from fastbeit.cli import add_run_flags, amp_context, flag_adder
+from fastbeit.cli import (
+    NonFiniteLoss,
+    add_run_flags,
+    amp_context,
+    flag_adder,
+    tell_interrupted,
+    tell_non_finite,
+)
 from fastbeit.config import ATTN_BACKENDS, PRESETS, BeitConfig, make_config
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -196,10 +203,6 @@ def normalization(args: argparse.Namespace, pre_args: Dict[str, Any]) -> Tuple[T
     if imagenet is None:
         imagenet = bool(pre_args.get("imagenet_default_mean_and_std", False))
     return (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (BEIT_MEAN, BEIT_STD)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -405,13 +408,10 @@ class Trainer:
             bar.close()
             self.save(self.last_path, epoch, step_in_epoch, "interrupted")
             self.plot()
-            print(f"\ninterrupted at step {self.global_step}; checkpoint saved to {self.last_path}\n"
-                  f"continue with: --resume {self.last_path}", file=sys.stderr)
-            return 130
+            return tell_interrupted(self.global_step, self.last_path)
         except NonFiniteLoss as exc:
             bar.close()
-            print(f"error: {exc}; stopping. The last good checkpoint ({self.last_path}) is kept.", file=sys.stderr)
-            return 3
+            return tell_non_finite(exc, self.last_path)
         bar.close()
         self.finish()
         return 0
