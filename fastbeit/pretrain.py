@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_mask_patches_per_block", type=int, default=None)
     add("--mask_mode", choices=MASKING_MODES, default="blockwise",
         help="blockwise (faithful), exact (topped up to num_mask_patches: static shapes), random")
-    add("--mask_sampler", choices=("cpu", "gpu"), default="cpu", help="where masks are drawn")
+    add("--mask_sampler", choices=("auto", "cpu", "gpu"), default="auto",
+        help="where masks are drawn: gpu = one Triton launch per batch (same distribution); "
+        "auto = gpu with the DALI loader, else the CPU generator in the data workers")
 
     add("--batch_size", type=int, default=None, help="per process")
     add("--epochs", type=int, default=None)
@@ -312,6 +314,8 @@ class Trainer:
         self.cfg = self.model.cfg
         self.mask_gen = build_mask_generator(args, self.cfg.grid[0])
         self.num_masked_static = args.num_mask_patches if args.mask_mode in ("exact", "random") else None
+        if args.mask_sampler == "auto":
+            args.mask_sampler = "gpu" if choose_loader(args.loader, args.device) == "dali" else "cpu"
         self.gpu_masks = args.mask_sampler == "gpu"
         self.data = build_loader(args, None if self.gpu_masks else self.mask_gen, self.dist)
         self.steps_per_epoch = self.data.steps_per_epoch
