@@ -36,3 +36,12 @@ def variable_masks(batch: int, grid: int, target: int, seed: int = 0) -> torch.T
     if batch > 1 and len(set(masks.sum(1).tolist())) == 1:
         masks[0, masks[0].nonzero()[0]] = False  # force differing counts
     return masks
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on right now (for torchrun's rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

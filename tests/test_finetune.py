@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import free_port
 from PIL import Image
 
 from fastbeit import finetune
@@ -454,7 +455,7 @@ def test_user_mistakes_get_one_clear_line(folders, tmp_path, capsys, extra, mess
 def test_ddp_on_two_cpu_processes(folders, tmp_path):
     base, data, ckpt = folders
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            "-m", "fastbeit.finetune", *cli_args(data, tmp_path, "--batch_size", "3")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from PIL import Image
 
 from fastbeit import pretrain
@@ -162,7 +163,7 @@ def test_checkpoint_of_another_model_is_refused(tiny_setup, tmp_path, capsys):
 
 def test_ddp_on_two_cpu_processes(tiny_setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            "-m", "fastbeit.pretrain", *tiny_args(tiny_setup, tmp_path, "--batch_size", "2")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
