@@ -50,3 +50,25 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--data", str(tmp_path)])
     assert "train/ and val/" in capsys.readouterr().err
+
+
+def test_run_flags_reach_both_stages_and_scratch_has_no_layer_decay(tmp_path):
+    run = reproduce.build_parser().parse_args(["--data", "d", "--attn", "sdpa", "--kernels", "reference",
+                                               "--num_workers", "3", "--amp", "none"])
+    scale = dict(reproduce.SCALES["gpu"])
+    pre = reproduce.pretrain_args(reproduce.VARIANTS[2], scale, tmp_path, tmp_path / "p", run)
+    scratch = reproduce.finetune_args(scale, tmp_path, tmp_path, tmp_path / "f", run, None)
+    tuned = reproduce.finetune_args(scale, tmp_path, tmp_path, tmp_path / "f", run, tmp_path / "ckpt.pt")
+    for args in (pre, scratch, tuned):
+        assert args[args.index("--attn") + 1] == "sdpa" and args[args.index("--kernels") + 1] == "reference"
+        assert args[args.index("--num_workers") + 1] == "3" and args[args.index("--amp") + 1] == "none"
+    assert pre[pre.index("--target") + 1] == "pixels" and pre[pre.index("--second_input_size") + 1] == "112"
+    assert scratch[scratch.index("--layer_decay") + 1] == "1.0" and "--finetune" not in scratch
+    assert "--layer_decay" not in tuned and tuned[tuned.index("--finetune") + 1].endswith("ckpt.pt")
+
+
+def test_bad_epoch_override_is_a_clear_error(class_folders, tmp_path, capsys):
+    data, _ = class_folders
+    with pytest.raises(SystemExit):
+        reproduce.main(["--data", str(data), "--output", str(tmp_path / "o"), "--pretrain_epochs", "0"])
+    assert "--pretrain_epochs must be positive" in capsys.readouterr().err
