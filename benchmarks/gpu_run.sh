@@ -101,6 +101,11 @@ stage install 60 bash -c install
 if [[ -d /tmp/site ]]; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if ! $PY -c "import fastbeit.kernels" 2>/dev/null; then  # no editable install: a copy laid out as installed
+    rm -rf /tmp/fastbeit-src && mkdir -p /tmp/fastbeit-src && cp -r fastbeit /tmp/fastbeit-src/ &&
+        cp -r kernels /tmp/fastbeit-src/fastbeit/kernels && export PYTHONPATH="/tmp/fastbeit-src${PYTHONPATH:+:$PYTHONPATH}"
+    echo "install fallback: PYTHONPATH=$PYTHONPATH" | tee -a "$STATUS"
+fi
 
 stage check 130 $PY benchmarks/gpu_check.py --json "$RESULTS/check.json"
 REPRO_FLAGS=""

@@ -10,13 +10,11 @@ P and dS are rounded to the input dtype before their matmuls, as in every flash 
 """
 
 import math
-import os
-import subprocess
-import sys
 from typing import Optional
 
 import pytest
 import torch
+from sm90_compile import run_in_subprocess
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbeit.kernels import attention as attn_mod
@@ -261,58 +259,13 @@ def test_supports():
     assert not ok and "CUDA" in why
 
 
-_COMPILE_SCRIPT = r"""
-import sys
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as exc:
-    sys.exit(f"SKIP: this Triton has no offline compile API ({exc})")
-import fastbeit.kernels.attention as A
-
-def source(kernel, pointers, constants):
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap the autotuner
-    signature = {}
-    for i, name in enumerate(fn.arg_names):
-        if fn.params[i].is_constexpr:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
-    return ASTSource(fn, signature, constants)
-
-bf, f32 = "bf16", "fp32"
-common = dict(UPCAST=False, DOT_PREC="tf32", BLOCK_D=64)
-jobs = [
-    (A._attn_fwd_kernel, dict(Q=bf, K=bf, V=bf, BIAS=f32, OUT=bf, LSE=f32), dict(HAS_BIAS=True), A._FWD_CONFIGS[0]),
-    (A._attn_bwd_delta_kernel, dict(OUT=bf, DO=bf, DELTA=f32), dict(BLOCK_M=64, BLOCK_D=64), None),
-    (A._attn_bwd_dkdv_kernel,
-     dict(Q=bf, K=bf, V=bf, BIAS=f32, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, DB=f32),
-     dict(HAS_BIAS=True, HAS_DBIAS=True, ACC_DBIAS=True), A._DKDV_CONFIGS[0]),
-    (A._attn_bwd_dq_kernel, dict(Q=bf, K=bf, V=bf, BIAS=f32, DO=bf, LSE=f32, DELTA=f32, DQ=bf),
-     dict(HAS_BIAS=True), A._DQ_CONFIGS[0]),
-]
-for kernel, pointers, flags, config in jobs:
-    constants = dict(flags) if config is None else dict(common, **flags, **config.kwargs)
-    options = {} if config is None else {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(source(kernel, pointers, constants), target=GPUTarget("cuda", 90, 32), options=options)
-    print(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, compiled.metadata.shared)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="a CPU-only check of the compiled path")
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter never compiles; this builds each kernel for sm_90 (Triton + its bundled
     ptxas, no GPU needed), catching type errors the interpreter lets through (~10 s)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
-    if run.returncode != 0 and "SKIP:" in run.stderr:
-        pytest.skip(run.stderr.strip().splitlines()[-1])
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert len(run.stdout.splitlines()) == 4, run.stdout
+    compiled = run_in_subprocess(tmp_path, "attention")  # tests/sm90_compile.py
+    assert len(compiled) == 4, compiled
 
 
 def test_reference_is_softmax_attention():
