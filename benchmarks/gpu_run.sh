@@ -72,6 +72,7 @@ stage() {
 
 environment() {
     nvidia-smi || true
+    df -h /dev/shm /tmp 2>/dev/null || true   # data workers pass batches through /dev/shm
     $PY - <<'EOF'
 import os, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
