@@ -29,6 +29,7 @@ setup(
         "tqdm",
         "safetensors",
         "matplotlib",
+        "scipy",  # the original geometric resize of relative position tables (a cubic spline)
     ],
     extras_require={
         "dev": [

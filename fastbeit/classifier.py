@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,25 +180,103 @@ def table_grid(rows: int) -> Tuple[int, int]:
     return (side + 1) // 2, (side + 1) // 2
 
 
-def resize_rel_pos_table(
-    table: torch.Tensor, grid: Tuple[int, int], mode: str = "bicubic"
-) -> torch.Tensor:
-    """Interpolate a ``[(2h-1)(2w-1)+3, heads]`` table to another patch grid.
+REL_POS_MODES = ("geometric", "bicubic", "bilinear")
+GEOMETRIC_BOUNDS = (1.01, 1.5)  # the original's search interval for the spacing ratio
 
-    The ``(2h-1)×(2w-1)`` offset map is resized (corners aligned, so the zero offset stays the
-    centre and the extreme offsets stay the corners); the three CLS rows are kept as they are.
+
+def check_rel_pos_mode(mode: str) -> None:
+    """Raise :class:`UserError` for a table resize mode that :func:`resize_rel_pos_table` lacks."""
+    if mode not in REL_POS_MODES:
+        raise UserError(f"unknown relative position interpolation {mode!r}; choose from {', '.join(REL_POS_MODES)}")
+
+
+def geometric_ratio(src_side: int, dst_side: int) -> float:
+    """The original fine-tuning code's spacing ratio ``q`` for resizing a table side ``S`` to ``T``.
+
+    Bisection for ``q`` with ``1 + q + ... + q^(S//2 - 1) ≈ T//2``, so that the outermost source
+    offset lands near the outermost target offset while the offsets near zero stay about one apart.
+    As in the original, ``q`` is the last midpoint tried once the bracket is under 1e-6 (so it is
+    pinned near 1.01 when shrinking and near 1.5 when the series cannot reach ``T//2``).
     """
+    terms, target = src_side // 2, dst_side // 2
+    low, high = GEOMETRIC_BOUNDS
+    q = (low + high) / 2
+    while high - low > 1e-6:
+        q = (low + high) / 2
+        if (1.0 - q**terms) / (1.0 - q) > target:
+            high = q
+        else:
+            low = q
+    return q
+
+
+def geometric_source_axis(src_side: int, dst_side: int) -> np.ndarray:
+    """The coordinates the original gives the ``S`` source offsets on each axis: symmetric about 0,
+    spacing 1, q, q^2, ... outwards from ±1, so the last one is the series sum ≈ ``T//2``."""
+    q = geometric_ratio(src_side, dst_side)
+    right = np.cumsum(q ** np.arange(src_side // 2, dtype=np.float64))
+    return np.concatenate((-right[::-1], [0.0], right))
+
+
+def geometric_target_axis(dst_side: int) -> np.ndarray:
+    """The integer offsets ``-T//2 .. T//2`` of the target table side, as float64."""
+    t = dst_side // 2
+    return np.arange(-t, t + 1, dtype=np.float64)
+
+
+def _geometric_offsets(offsets: torch.Tensor, src_side: int, dst_side: int) -> torch.Tensor:
+    """Per head, an s=0 bicubic spline through the ``S×S`` map on the geometric source grid,
+    evaluated at the integer target offsets (float64; what ``interp2d(kind='cubic')`` computed for
+    gridded data). Targets past the outermost source offset take the clamped edge value, as there."""
+    from scipy.interpolate import RectBivariateSpline  # lazy: only checkpoint loading needs SciPy
+
+    src = geometric_source_axis(src_side, dst_side)
+    dst = geometric_target_axis(dst_side)
+    maps = offsets.detach().to("cpu", torch.float64).numpy().reshape(src_side, src_side, -1)  # [dy, dx, head]
+    out = np.empty((dst_side, dst_side, maps.shape[-1]), dtype=np.float64)
+    for head in range(maps.shape[-1]):
+        spline = RectBivariateSpline(src, src, maps[..., head], kx=3, ky=3, s=0)  # rows are dy, columns dx
+        out[..., head] = spline(dst, dst)
+    return torch.from_numpy(out.reshape(dst_side * dst_side, -1))
+
+
+def _interpolated_offsets(offsets: torch.Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int],
+                          mode: str) -> torch.Tensor:
+    """Resize the offset map as an image with corners aligned (zero offset stays the centre)."""
+    heads = offsets.shape[1]
+    image = offsets.float().t().reshape(1, heads, *src_hw)
+    resized = F.interpolate(image, size=dst_hw, mode=mode, align_corners=True)
+    return resized.reshape(heads, -1).t()
+
+
+def resize_rel_pos_table(
+    table: torch.Tensor, grid: Tuple[int, int], mode: str = "geometric"
+) -> torch.Tensor:
+    """Resize a ``[(2h-1)(2w-1)+3, heads]`` table to another patch grid; the three CLS rows are kept.
+
+    ``geometric`` (default) is the original BEiT fine-tuning scheme (see :func:`geometric_ratio`),
+    square grids only (a non-square one raises :class:`UserError`: use ``bicubic``); ``bicubic`` and
+    ``bilinear`` resize the offset map uniformly with ``F.interpolate``. A table already at ``grid``
+    is returned as it is.
+    """
+    check_rel_pos_mode(mode)
     src = table_grid(table.shape[0])
     if tuple(src) == tuple(grid):
         return table
-    heads = table.shape[1]
     src_hw = (2 * src[0] - 1, 2 * src[1] - 1)
     dst_hw = (2 * grid[0] - 1, 2 * grid[1] - 1)
     offsets, extra = table[:-3], table[-3:]
-    image = offsets.float().t().reshape(1, heads, *src_hw)
-    resized = F.interpolate(image, size=dst_hw, mode=mode, align_corners=True)
-    resized = resized.reshape(heads, -1).t().to(table.dtype)
-    return torch.cat((resized, extra), dim=0)
+    if mode == "geometric":
+        if grid[0] != grid[1]:
+            raise UserError(f"geometric relative position resizing needs a square patch grid, not {grid[0]}x{grid[1]};"
+                            " use the bicubic mode")
+        if src[0] < 3:
+            raise UserError(f"geometric relative position resizing needs a source grid of at least 3x3 (a cubic "
+                            f"spline needs 4 points per axis), not {src[0]}x{src[1]}; use the bicubic mode")
+        resized = _geometric_offsets(offsets, src_hw[0], dst_hw[0])
+    else:
+        resized = _interpolated_offsets(offsets, src_hw, dst_hw, mode)
+    return torch.cat((resized.to(dtype=table.dtype, device=table.device), extra), dim=0)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -220,16 +299,19 @@ def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str = "module.") -> Di
 
 
 def load_pretrained(
-    model: BeitEncoder, state_dict: Dict[str, torch.Tensor], interpolation: str = "bicubic"
+    model: BeitEncoder, state_dict: Dict[str, torch.Tensor], rel_pos_interpolation: str = "geometric",
+    pos_interpolation: str = "bicubic",
 ) -> LoadReport:
     """Load pre-trained (or fine-tuned) weights with our key names into a classifier (or any
     :class:`BeitEncoder`, e.g. a segmentation backbone).
 
     Drops ``mask_token`` and ``lm_head.*``; clones a shared relative position table into every
-    layer when the model has per-layer tables; resizes tables and absolute position embeddings
-    to the model's patch grid; drops a head of another class count. Index buffers are recomputed
-    for the model's grid. Any other shape difference raises :class:`UserError` naming the key.
+    layer when the model has per-layer tables; resizes tables (``rel_pos_interpolation``, by
+    default the original's geometric scheme) and absolute position embeddings (bicubic, as the
+    original) to the model's patch grid; drops a head of another class count. Index buffers are
+    recomputed for the model's grid. Any other shape difference raises :class:`UserError` naming the key.
     """
+    check_rel_pos_mode(rel_pos_interpolation)  # before any work, even when nothing needs resizing
     report = LoadReport()
     state = _strip_prefix(dict(state_dict))
     own = model.state_dict()
@@ -253,10 +335,11 @@ def load_pretrained(
             continue
         if k.endswith("relative_position_bias_table") and state[k].shape[1] == own[k].shape[1]:
             src = table_grid(state[k].shape[0])
-            state[k] = resize_rel_pos_table(state[k], grid, interpolation)
-            report.notes.append(f"resized {k} from a {src[0]}x{src[1]} to a {grid[0]}x{grid[1]} grid")
+            state[k] = resize_rel_pos_table(state[k], grid, rel_pos_interpolation)
+            report.notes.append(f"resized {k} from a {src[0]}x{src[1]} to a {grid[0]}x{grid[1]} grid "
+                                f"({rel_pos_interpolation})")
         elif k == "pos_embed" and state[k].shape[-1] == own[k].shape[-1]:
-            state[k] = resize_pos_embed(state[k], grid, interpolation)
+            state[k] = resize_pos_embed(state[k], grid, pos_interpolation)
             report.notes.append(f"resized pos_embed to a {grid[0]}x{grid[1]} grid")
         elif k.startswith("head."):
             classes = getattr(model, "num_classes", "?")

@@ -34,7 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
-from fastbeit.classifier import BeitForImageClassification, layer_decay_groups, load_pretrained, topk_correct
+from fastbeit.classifier import (
+    REL_POS_MODES,
+    BeitForImageClassification,
+    layer_decay_groups,
+    load_pretrained,
+    topk_correct,
+)
 from fastbeit.cli import (
     NonFiniteLoss,
     add_run_flags,
@@ -87,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale (from scratch only)")
     add("--disable_rel_pos_bias", action="store_true", help="no per-layer relative position tables")
     add("--abs_pos_emb", action="store_true", help="add absolute position embeddings")
+    add("--rel_pos_interpolation", choices=REL_POS_MODES, default="geometric",
+        help="how a --finetune checkpoint's relative position tables are resized to another patch grid: geometric "
+             "is the original BEiT scheme (cubic spline on geometrically spaced offsets); bicubic/bilinear resize "
+             "the offset map uniformly (absolute position embeddings are always resized bicubic)")
     add("--use_cls", action="store_true", help="classify the CLS token instead of mean-pooled patches")
     add("--init_scale", type=float, default=0.001, help="head init scale")
     add("--attn", choices=ATTN_BACKENDS, default="auto")
@@ -298,7 +308,7 @@ class FineTuner:
         if self.resume_ckpt is not None:
             load_model_state(self.model, self.resume_ckpt["model"], self.resume_ckpt["path"])
         elif loaded is not None:
-            self.load_report = load_pretrained(self.model, loaded.state_dict)
+            self.load_report = load_pretrained(self.model, loaded.state_dict, args.rel_pos_interpolation)
             self.say(f"pre-trained weights: {self.load_report.summary()}")
         self.model.to(self.device)
         self.train_model = torch.compile(self.model) if args.compile else self.model

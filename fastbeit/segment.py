@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, rng_state, set_rng_state
+from fastbeit.classifier import REL_POS_MODES
 from fastbeit.cli import (
     NonFiniteLoss,
     add_run_flags,
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_val_images", type=int, default=None, help="evaluate only the first N images")
 
     add("--finetune", default=None, help="a fastbeit pre-training (or classification) checkpoint for the backbone")
+    add("--rel_pos_interpolation", choices=REL_POS_MODES, default="geometric",
+        help="how the --finetune checkpoint's relative position tables are resized to the crop's patch grid: "
+             "geometric is the original BEiT scheme; bicubic/bilinear resize the offset map uniformly")
     add("--model", default="beit_base", help=f"preset when training from scratch: {', '.join(PRESETS)}")
     add("--patch_size", type=int, default=16, help="from scratch only")
     add("--embed_dim", type=int, default=None, help="from scratch only: override the preset's width")
@@ -186,7 +190,7 @@ def build_model(args: argparse.Namespace, saved: Optional[Dict[str, Any]] = None
     cfg = segmentation_config(base, args.crop_size, args.drop_path).replace(attn_backend=args.attn, kernels="auto")
     model = BeitSegmenter(cfg, head)
     if state is not None:
-        notes = load_pretrained_backbone(model.backbone, state, args.finetune)
+        notes = load_pretrained_backbone(model.backbone, state, args.finetune, args.rel_pos_interpolation)
         tqdm.write(f"backbone from {args.finetune}: {notes}")
     return model, pre_args
 

@@ -161,9 +161,19 @@ def test_load_pretrained_resizes_tables_and_pos_embed_to_a_larger_image():
     assert model.blocks[0].attn.relative_position_bias_table.shape == (23 * 23 + 3, 3)
     assert model.pos_embed.shape == (1, 145, 48)
     torch.testing.assert_close(model.pos_embed[:, 0], pre.pos_embed[:, 0])
-    expected = resize_rel_pos_table(pre.rel_pos_bias.relative_position_bias_table.detach(), (12, 12))
+    torch.testing.assert_close(model.pos_embed.detach(), resize_pos_embed(pre.pos_embed.detach(), (12, 12)))
+    shared = pre.rel_pos_bias.relative_position_bias_table.detach()
+    expected = resize_rel_pos_table(shared, (12, 12), "geometric")  # the original's scheme is the default
     torch.testing.assert_close(model.blocks[1].attn.relative_position_bias_table.detach(), expected)
     assert sum("resized" in n for n in report.notes) == 3
+    assert sum("grid (geometric)" in n for n in report.notes) == 2
+    uniform = BeitForImageClassification(pre.cfg.replace(img_size=48, **PER_LAYER), num_classes=3)
+    load_pretrained(uniform, pre.state_dict(), rel_pos_interpolation="bicubic")
+    bicubic = resize_rel_pos_table(shared, (12, 12), "bicubic")
+    torch.testing.assert_close(uniform.blocks[0].attn.relative_position_bias_table.detach(), bicubic)
+    assert not torch.allclose(bicubic, expected)
+    with pytest.raises(UserError, match="unknown relative position interpolation"):
+        load_pretrained(uniform, pre.state_dict(), rel_pos_interpolation="nearest")
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
     small = resize_pos_embed(model.pos_embed.detach(), (8, 8))
     assert small.shape == (1, 65, 48)
@@ -316,6 +326,19 @@ def test_finetune_from_a_pretraining_checkpoint_writes_everything(folders, tmp_p
 
     assert finetune.main(cli_args(data, tmp_path / "eval", "--resume", str(tmp_path / "best.pt"), "--eval")) == 0
     assert f"top-1 {epoch[0]['acc1']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", [None, "bicubic"])
+def test_finetune_at_a_larger_size_resizes_tables_geometrically_by_default(folders, tmp_path, mode):
+    base, data, ckpt = folders
+    extra = ["--rel_pos_interpolation", mode] if mode else []
+    trainer, args = finetune.build_trainer(cli_args(data, tmp_path, "--finetune", str(ckpt), "--input_size", "48",
+                                                    *extra, model=False))
+    assert args.rel_pos_interpolation == (mode or "geometric")
+    shared = torch.load(ckpt, weights_only=True)["model"]["rel_pos_bias.relative_position_bias_table"]
+    expected = resize_rel_pos_table(shared, (12, 12), mode or "geometric")
+    torch.testing.assert_close(trainer.model.blocks[1].attn.relative_position_bias_table.detach(), expected)
+    assert f"from a 8x8 to a 12x12 grid ({mode or 'geometric'})" in trainer.load_report.summary()
 
 
 def test_learning_rate_is_scaled_from_the_recipe_and_layer_decay_applied(folders, tmp_path):

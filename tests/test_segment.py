@@ -68,8 +68,11 @@ def test_pretrained_weights_fill_every_layer_table():
     for block in backbone.blocks:
         table = block.attn.relative_position_bias_table
         assert table_grid(table.shape[0]) == (6, 6)
-        torch.testing.assert_close(table, resize_rel_pos_table(shared, (6, 6)))
+        torch.testing.assert_close(table, resize_rel_pos_table(shared, (6, 6), "geometric"))  # the default
     torch.testing.assert_close(backbone.blocks[2].mlp.fc1.weight, mim.blocks[2].mlp.fc1.weight)
+    load_pretrained_backbone(backbone, mim.state_dict(), "mim.pt", rel_pos_interpolation="bicubic")
+    bicubic = resize_rel_pos_table(shared, (6, 6), "bicubic")
+    torch.testing.assert_close(backbone.blocks[0].attn.relative_position_bias_table, bicubic)
     state = {**mim.state_dict(), "blocks.0.extra": torch.zeros(1)}
     with pytest.raises(UserError, match="unexpected.*blocks.0.extra"):
         load_pretrained_backbone(backbone, state, "mim.pt")

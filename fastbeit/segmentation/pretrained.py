@@ -20,9 +20,14 @@ from fastbeit.segmentation.backbone import BeitBackbone
 UNUSED_OK = ("norm.", "fc_norm.", "head.")
 
 
-def load_pretrained_backbone(backbone: BeitBackbone, state: Dict[str, torch.Tensor], path: str) -> str:
-    """Load ``state`` into ``backbone``; returns a one-line summary of what was adapted."""
-    report = load_pretrained(backbone, state)  # type: ignore[arg-type]  (any BeitEncoder works)
+def load_pretrained_backbone(
+    backbone: BeitBackbone, state: Dict[str, torch.Tensor], path: str, rel_pos_interpolation: str = "geometric"
+) -> str:
+    """Load ``state`` into ``backbone``; returns a one-line summary of what was adapted.
+
+    Tables are resized with the original's geometric scheme unless ``rel_pos_interpolation`` says otherwise.
+    """
+    report = load_pretrained(backbone, state, rel_pos_interpolation)  # type: ignore[arg-type]  (any BeitEncoder)
     missing = [k for k in report.missing if not k.startswith("fpn")]
     unused = [k for k in report.unused if not k.startswith(UNUSED_OK)]
     if missing or unused:
