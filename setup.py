@@ -30,6 +30,7 @@ setup(
         "safetensors",
         "matplotlib",
         "scipy",  # the original geometric resize of relative position tables (a cubic spline)
+        "timm",  # the original fine-tuning RandAugment; timm's BEiT is also a step-benchmark baseline
     ],
     extras_require={
         "dev": [
@@ -37,7 +38,6 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "ruff",
-            "timm",
         ],
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],

@@ -275,12 +275,18 @@ def test_transforms_shapes_and_rand_augment_spec():
     assert [type(t).__name__ for t in build_eval_transform(32).transforms[:2]] == ["Resize", "CenterCrop"]
     assert build_eval_transform(32).transforms[0].size == 36  # 32 / 0.875
     assert type(build_eval_transform(384).transforms[0]).__name__ == "Resize"
-    aug = parse_auto_augment("rand-m9-mstd0.5-inc1")
-    assert (aug.num_ops, aug.magnitude, aug.magnitude_std, aug.prob) == (2, 9.0, 0.5, 0.5)
+    # timm's RandAugment with create_transform's hyper-parameters: the original recipe's op set
+    aug = parse_auto_augment("rand-m9-mstd0.5-inc1", input_size=32)
+    assert aug.num_layers == 2 and len(aug.ops) == 15
+    assert {"Invert", "SolarizeAdd", "PosterizeIncreasing", "TranslateXRel"} <= {op.name for op in aug.ops}
+    assert all((op.prob, op.magnitude, op.magnitude_std) == (0.5, 9, 0.5) for op in aug.ops)
+    assert aug.ops[0].hparams["img_mean"] == (128, 128, 128) and aug.ops[0].hparams["translate_const"] == 14
     assert aug(img).size == img.size
     assert parse_auto_augment("none") is None
     with pytest.raises(UserError, match="only RandAugment"):
         parse_auto_augment("v0")
+    with pytest.raises(UserError, match="cannot read 'x3'"):
+        parse_auto_augment("rand-m9-x3")
 
 
 # ---------------------------------------------------------------------------------------------

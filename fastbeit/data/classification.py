@@ -5,12 +5,10 @@ horizontal flip → RandAugment ``rand-m9-mstd0.5-inc1`` → normalize → Rando
 per-pixel noise); mixup α 0.8 / cutmix α 1.0, switching with probability 0.5, one mixing
 factor per batch, label smoothing 0.1 folded into the soft targets.
 
-RandAugment is built from torchvision's ops instead of timm's. Same as timm: two ops a image,
-each applied with probability 0.5, magnitude 9 of 10 with Gaussian noise (std 0.5) clipped to
-[0, 10], signed "increasing" colour ops, posterize and solarize that get stronger with the
-magnitude. Different: torchvision's op list has Identity and lacks Invert and SolarizeAdd, and
-its maximum translation is 150/331 of the side (timm: 0.45); the magnitude 0–10 is mapped to
-torchvision's 31 bins as ``round(3 m)``.
+RandAugment is timm's own (``timm.data.auto_augment.rand_augment_transform``, the op set and
+magnitude scale the original used), with the hyper-parameters timm's ``create_transform`` passes:
+translation up to 45 % of the side, the normalization mean as fill colour, the training
+interpolation for the geometric ops. Colour jitter is off, as in timm whenever RandAugment is on.
 """
 
 from __future__ import annotations
@@ -18,9 +16,10 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from fastbeit.data.folder import ImageFolderDataset
@@ -28,53 +27,30 @@ from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, INTERPOLATIONS
 from fastbeit.errors import UserError
 
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
-MAX_LEVEL = 10.0  # timm's magnitude scale
-TV_BINS = 31  # torchvision RandAugment bins 0..30
+PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
+                "nearest": Image.NEAREST}
+RAND_AUGMENT_KEYS = ("n", "m", "mstd", "mmax", "p", "inc")  # timm's spec keys that make sense here
 
 
-class RandAugment:
-    """timm-style RandAugment on torchvision's ops (see the module docstring for the differences)."""
-
-    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
-                 fill: Optional[Sequence[int]] = None) -> None:
-        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
-        self.fill = list(fill) if fill is not None else None
-
-    def __call__(self, img):
-        for _ in range(self.num_ops):
-            if random.random() > self.prob:
-                continue
-            level = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
-            level = min(MAX_LEVEL, max(0.0, level))
-            bins = round(level * (TV_BINS - 1) / MAX_LEVEL)
-            img = T.RandAugment(num_ops=1, magnitude=bins, num_magnitude_bins=TV_BINS, fill=self.fill)(img)
-        return img
-
-    def __repr__(self) -> str:
-        return (f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
-                f"magnitude_std={self.magnitude_std}, prob={self.prob})")
-
-
-def parse_auto_augment(spec: Optional[str], mean: Sequence[float] = BEIT_MEAN) -> Optional[RandAugment]:
-    """``rand-m9-mstd0.5-inc1`` (timm's syntax: ``n`` ops, ``m`` magnitude, ``mstd``, ``p``; ``inc``
-    is accepted: torchvision's ops already increase with the magnitude) → :class:`RandAugment`;
-    ``none`` or empty → None."""
+def parse_auto_augment(spec: Optional[str], mean: Sequence[float] = BEIT_MEAN, input_size: int = 224,
+                       interpolation: str = "bicubic") -> Optional[Callable]:
+    """``rand-m9-mstd0.5-inc1`` (timm's syntax) → timm's RandAugment as ``create_transform`` builds
+    it; ``none`` or empty → None. The spec is checked here so a typo is a clear error, not a
+    traceback from inside timm."""
     if not spec or spec.lower() == "none":
         return None
     parts = spec.split("-")
     if parts[0] != "rand":
         raise UserError(f"--aa {spec!r}: only RandAugment ('rand-m9-mstd0.5-inc1') or 'none' is supported")
-    options = dict(num_ops=2, magnitude=9.0, magnitude_std=0.0, prob=0.5)
-    names = {"n": "num_ops", "m": "magnitude", "mstd": "magnitude_std", "p": "prob"}
     for part in parts[1:]:
         match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
-        if not match or match.group(1) not in (*names, "inc"):
-            raise UserError(f"--aa {spec!r}: cannot read {part!r} (known: n, m, mstd, p, inc)")
-        if match.group(1) != "inc":
-            key = names[match.group(1)]
-            options[key] = int(float(match.group(2))) if key == "num_ops" else float(match.group(2))
-    fill = [min(255, round(255 * m)) for m in mean]
-    return RandAugment(fill=fill, **options)
+        if not match or match.group(1) not in RAND_AUGMENT_KEYS:
+            raise UserError(f"--aa {spec!r}: cannot read {part!r} (known: {', '.join(RAND_AUGMENT_KEYS)})")
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = dict(translate_const=int(input_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                   interpolation=PIL_RESAMPLE[interpolation])
+    return rand_augment_transform(spec, hparams)
 
 
 def build_train_transform(
@@ -87,7 +63,7 @@ def build_train_transform(
         raise UserError(f"unknown interpolation {interpolation!r}; choose from {sorted(INTERPOLATIONS)}")
     steps = [T.RandomResizedCrop(input_size, scale=scale, interpolation=INTERPOLATIONS[interpolation]),
              T.RandomHorizontalFlip(hflip)]
-    augment = parse_auto_augment(auto_augment, mean)
+    augment = parse_auto_augment(auto_augment, mean, input_size, interpolation)
     if augment is not None:
         steps.append(augment)
     steps += [T.ToTensor(), T.Normalize(mean, std)]
