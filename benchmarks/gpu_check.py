@@ -101,9 +101,9 @@ def check_gathered_ce(B: int, N: int, D: int, V: int, dtype: torch.dtype, num_ma
     want_acc = (logits.argmax(-1) == targets[mask]).double().mean()
     want_grads = torch.autograd.grad(want, [x64, w64, b64])
     bound = BOUND[dtype] / 10  # a mean over many rows: far tighter than the per-element bound
-    record("gathered CE", case, "loss", abs(float(loss) - float(want)) / float(want), bound)
+    record("gathered CE", case, "loss", abs(loss.item() - want.item()) / want.item(), bound)
     # 16-bit logits may flip a near-tie: allow 1 % of the rows to disagree.
-    record("gathered CE", case, "accuracy", abs(float(acc) - float(want_acc)), 0.0 if dtype == torch.float32 else 1e-2,
+    record("gathered CE", case, "accuracy", abs(acc.item() - want_acc.item()), 0.0 if dtype == torch.float32 else 1e-2,
            "abs diff")
     for name, g, w in zip(("dhidden", "dweight", "dbias"), grads, want_grads):
         record("gathered CE", case, name, rel_err(g, w), BOUND[dtype])
