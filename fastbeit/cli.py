@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import os
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -84,6 +86,29 @@ def start_run(args: argparse.Namespace) -> Tuple[DistInfo, torch.device]:
 
 class NonFiniteLoss(RuntimeError):
     """A loss went NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+@contextlib.contextmanager
+def whole_step() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block (one optimizer step and its counters) is done, then
+    raise KeyboardInterrupt: an interrupt mid-update would save half-updated weights under the old
+    step count, and a resumed run would not continue where this one stopped. Signals a process
+    ignores (SIGINT in a background job) stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: List[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt(f"signal {held[0]}")
 
 
 def tell_interrupted(step: int, checkpoint: Path) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from typing import Callable, TypeVar
+import threading
+from typing import Callable, Iterator, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -13,13 +16,33 @@ class UserError(Exception):
     """A mistake in the user's input (a path, a flag, a file): shown as one clear line."""
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while the block runs: schedulers (SLURM pre-emption, ``timeout``,
+    ``docker stop``) send it before killing, and the training CLIs save a checkpoint on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cli_entry(func: F) -> F:
-    """Wrap a CLI ``main`` so a :class:`UserError` prints ``error: ...`` and exits with status 2."""
+    """Wrap a CLI ``main``: a :class:`UserError` prints ``error: ...`` and exits with status 2;
+    SIGTERM is handled as Ctrl-C (:func:`sigterm_as_interrupt`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

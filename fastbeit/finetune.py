@@ -50,6 +50,7 @@ from fastbeit.cli import (
     start_run,
     tell_interrupted,
     tell_non_finite,
+    whole_step,
 )
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config
 from fastbeit.data.classification import (
@@ -414,16 +415,17 @@ class FineTuner:
                 set_step_values(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            loss = self.loss(images, targets)
-            scaled = loss / freq
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            self.step_in_epoch += 1
-            images_seen += images.shape[0] * self.dist.world_size
-            window.append(loss.detach())
-            if self.step_in_epoch % freq:
-                continue
-            norm = self.optimizer_step()
-            self.global_step += 1
+            with whole_step():
+                loss = self.loss(images, targets)
+                scaled = loss / freq
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                self.step_in_epoch += 1
+                images_seen += images.shape[0] * self.dist.world_size
+                window.append(loss.detach())
+                if self.step_in_epoch % freq:
+                    continue
+                norm = self.optimizer_step()
+                self.global_step += 1
             bar.update(1)
             if self.global_step % args.log_every == 0 or self.step_in_epoch == self.steps_per_epoch * freq:
                 mean_loss = float(all_reduce_mean(torch.stack(window).float().mean(), self.dist))

@@ -39,6 +39,7 @@ from fastbeit.cli import (
     start_run,
     tell_interrupted,
     tell_non_finite,
+    whole_step,
 )
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
 from fastbeit.data.folder import ImageFolderDataset
@@ -431,9 +432,10 @@ class Trainer:
                 window_start, window_images = time.time(), 0
                 bar.set_description(f"epoch {epoch}")
                 for batch in self.data.loader:
-                    stats = self.step(batch)
-                    self.global_step += 1
-                    step_in_epoch += 1
+                    with whole_step():
+                        stats = self.step(batch)
+                        self.global_step += 1
+                        step_in_epoch += 1
                     window.append(stats)
                     window_images += batch[0].shape[0] * self.dist.world_size
                     bar.update(1)

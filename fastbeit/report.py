@@ -20,7 +20,6 @@ import json
 import math
 import platform
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -538,27 +537,16 @@ def write_report(results: Dict[str, Any], out: Path) -> Path:
     return path
 
 
-class Stopped(BaseException):
-    """SIGTERM (``timeout`` on a GPU session) or Ctrl-C: stop measuring, report what was measured.
-
-    A ``BaseException`` so the per-contender ``except Exception`` in ``sweep`` lets it through.
-    """
-
-
-def _stop(signum, frame) -> None:
-    raise Stopped(f"signal {signum}")
-
-
 def _measure_until_stopped(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
+    """Measure every contender; on Ctrl-C or SIGTERM (``timeout`` on a GPU session; ``cli_entry``
+    turns it into KeyboardInterrupt, which the per-contender ``except Exception`` lets through)
+    stop and keep what was measured."""
     results: Dict[str, Any] = {}
-    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         measure_all(args, out, results)
-    except (Stopped, KeyboardInterrupt) as exc:
+    except KeyboardInterrupt as exc:
         results["stopped"] = f"stopped early ({exc or 'interrupted'}); only the rows shown were measured"
         print(f"warning: {results['stopped']}", file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return results
 
 

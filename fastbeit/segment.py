@@ -37,6 +37,7 @@ from fastbeit.cli import (
     flag_adder,
     tell_interrupted,
     tell_non_finite,
+    whole_step,
 )
 from fastbeit.config import ATTN_BACKENDS, PRESETS, BeitConfig, make_config
 from fastbeit.data.sampler import ResumableSampler
@@ -383,9 +384,10 @@ class Trainer:
                 bar.set_description(f"epoch {epoch}")
                 window, start, seen = [], time.time(), 0
                 for images, labels in self.loader:
-                    window.append(self.step(images, labels))
-                    self.global_step += 1
-                    step_in_epoch += 1
+                    with whole_step():
+                        window.append(self.step(images, labels))
+                        self.global_step += 1
+                        step_in_epoch += 1
                     seen += images.shape[0]
                     bar.update(1)
                     if self.global_step % args.log_every == 0 or step_in_epoch == self.steps_per_epoch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,25 @@ def test_ctrl_c_saves_a_checkpoint_first(tiny_setup, tmp_path, monkeypatch, caps
     monkeypatch.setattr(pretrain.Trainer, "step", real_step)
     assert pretrain.main(tiny_args(tiny_setup, tmp_path, "--resume", str(tmp_path / "checkpoint.pt"))) == 0
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 6
+
+
+def test_sigterm_is_handled_like_ctrl_c(tiny_setup, tmp_path, monkeypatch, capsys):
+    """Schedulers and ``timeout`` send SIGTERM before killing: the run saves first, as on Ctrl-C."""
+    real_step = pretrain.Trainer.step
+    calls = {"n": 0}
+
+    def terminated(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(pretrain.Trainer, "step", terminated)
+    assert pretrain.main(tiny_args(tiny_setup, tmp_path)) == 130
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["reason"] == "interrupted" and ckpt["global_step"] == 3  # the signalled step finished first
+    assert "--resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the run
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):

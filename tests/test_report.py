@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -233,7 +236,9 @@ def test_a_stopped_run_still_reports_the_measured_rows(tmp_path, monkeypatch):
         results["encoder_breakdown"] = {"mlp": 1.0}
         results["matmul"] = {"dtype": "float32", "tflops": 1.0}
         results["rows"]["fastbeit"] = {"contender": "fastbeit", "img_per_s": 10.0, "step_ms": 400.0, "mfu": 0.1}
-        raise report.Stopped("signal 15")
+        os.kill(os.getpid(), signal.SIGTERM)  # cli_entry turns it into KeyboardInterrupt("signal 15")
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the run")
 
     monkeypatch.setattr(report, "measure_all", partial)
     out = tmp_path / "stopped"
@@ -259,3 +264,19 @@ def test_cuda_step_runs_and_the_breakdown_sees_kernel_time(contender):
     assert bd["timer"] == "cuda kernels"
     for part in ("attention", "mlp"):
         assert bd["components"][part]["forward"] > 0 and bd["components"][part]["backward"] > 0, part
+
+
+def test_cuda_self_time_reads_the_device_name_without_the_deprecated_one():
+    """On CUDA the breakdown reads ``self_device_time_total``; touching the deprecated
+    ``self_cuda_time_total`` as well would warn on every event (and sum each subtree twice)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(8, 8).sum()
+    events = list(prof.events())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ev in events:
+            assert bs._self_time(ev, cuda=True) == float(ev.self_device_time_total)

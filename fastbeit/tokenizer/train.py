@@ -35,6 +35,7 @@ from torchvision.transforms import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from fastbeit.cli import whole_step
 from fastbeit.data.folder import ImageFolderDataset
 from fastbeit.data.transforms import map_pixels, sample_crop_box, unmap_pixels
 from fastbeit.errors import UserError, cli_entry
@@ -290,14 +291,15 @@ def train(a: argparse.Namespace, model: DiscreteVAE, opt: torch.optim.Optimizer,
                     for group in opt.param_groups:
                         group["lr"] = lr
                     logging = (state.step + 1) % a.log_every == 0 or state.step == 0
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        losses = model(x.to(device, non_blocking=True), temperature=tau, kl_weight=beta,
-                                       diversity_weight=a.diversity_weight, sharpness=a.sharpness,
-                                       noise_pool=pool, count_codes=logging)
-                    opt.zero_grad(set_to_none=True)
-                    losses.loss.backward()
-                    opt.step()
-                    state.step += 1
+                    with whole_step():
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            losses = model(x.to(device, non_blocking=True), temperature=tau, kl_weight=beta,
+                                           diversity_weight=a.diversity_weight, sharpness=a.sharpness,
+                                           noise_pool=pool, count_codes=logging)
+                        opt.zero_grad(set_to_none=True)
+                        losses.loss.backward()
+                        opt.step()
+                        state.step += 1
                     now = time.perf_counter()
                     state.elapsed, tick = state.elapsed + now - tick, now
                     if logging:
