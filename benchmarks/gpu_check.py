@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from fastbeit.errors import sigterm_as_interrupt
+
 BOUND = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 ROWS: List[Dict[str, object]] = []
 DEVICE = "cuda"  # "cpu" with TRITON_INTERPRET=1 checks this script itself (--device cpu --quick)
@@ -256,15 +258,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("gpu_check: no CUDA device; nothing to check (the interpreter tests cover CPU)")
         return 0
     start = time.perf_counter()
-    rows = run_all(args.quick)
+    stopped = None
+    try:
+        with sigterm_as_interrupt():
+            rows = run_all(args.quick)
+    except KeyboardInterrupt:  # gpu_run.sh's time limit (SIGTERM) or Ctrl-C: report the rows that finished
+        rows, stopped = list(ROWS), "interrupted before every check ran"
     print_table(rows)
     failed = [r for r in rows if not r["ok"]]
     print(f"gpu_check: {len(rows) - len(failed)}/{len(rows)} rows ok in {time.perf_counter() - start:.0f} s on "
-          f"{device_name()} (torch {torch.__version__})")
+          f"{device_name()} (torch {torch.__version__})" + (f"; {stopped}" if stopped else ""))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=device_name(), torch=torch.__version__, rows=rows), fh, indent=1)
-    return 1 if failed else 0
+            json.dump(dict(device=device_name(), torch=torch.__version__, rows=rows, stopped=stopped), fh, indent=1)
+    return 1 if failed or stopped else 0
 
 
 if __name__ == "__main__":

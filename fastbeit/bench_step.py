@@ -448,8 +448,10 @@ def measure(contender: Contender, warmup: int = 3, iters: int = 10) -> Dict[str,
 
 def _self_time(event, cuda: bool) -> float:
     """An event's own time in µs: device time of its kernels on CUDA, CPU time otherwise."""
-    if cuda:
-        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+    if cuda:  # the device name when torch has it: reading the deprecated cuda one warns (and sums twice)
+        if getattr(type(event), "self_device_time_total", None) is not None:
+            return float(event.self_device_time_total)
+        return float(getattr(event, "self_cuda_time_total", 0.0))
     return float(event.self_cpu_time_total)
 
 
