@@ -287,6 +287,16 @@ def test_transforms_shapes_and_rand_augment_spec():
         parse_auto_augment("v0")
     with pytest.raises(UserError, match="cannot read 'x3'"):
         parse_auto_augment("rand-m9-x3")
+    # magnitude 10 (m9 + noise can reach it) asks PosterizeIncreasing for 0 bits: a black image,
+    # as with the original's Pillow, not Pillow 12+'s ValueError
+    strongest = parse_auto_augment("rand-m10-mstd0-inc1", input_size=32)
+    posterize_op = next(op for op in strongest.ops if op.name == "PosterizeIncreasing")
+    posterize_op.prob = 1.0
+    assert np.asarray(posterize_op(img)).max() == 0
+    weaker = next(op for op in parse_auto_augment("rand-m5-mstd0-inc1", input_size=32).ops
+                  if op.name == "PosterizeIncreasing")
+    weaker.prob = 1.0
+    assert np.array_equal(np.asarray(weaker(img)), np.asarray(img) & 0xC0)  # m5: 4 - int(5 / 10 * 4) = 2 bits
 
 
 # ---------------------------------------------------------------------------------------------

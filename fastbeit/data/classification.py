@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from fastbeit.data.folder import ImageFolderDataset
@@ -50,7 +50,21 @@ def parse_auto_augment(spec: Optional[str], mean: Sequence[float] = BEIT_MEAN, i
 
     hparams = dict(translate_const=int(input_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
                    interpolation=PIL_RESAMPLE[interpolation])
-    return rand_augment_transform(spec, hparams)
+    augment = rand_augment_transform(spec, hparams)
+    for op in augment.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+    return augment
+
+
+def posterize(img: Image.Image, bits: int, **_: object) -> Image.Image:
+    """Keep ``bits`` bits per channel. PosterizeIncreasing asks for 0 bits at magnitude 10 (reached
+    by m9 plus its noise); Pillow ≥ 12 refuses 0, older Pillow (the original's) gave a black image."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits)
 
 
 def build_train_transform(
