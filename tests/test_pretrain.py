@@ -76,17 +76,26 @@ def test_resume_continues_exactly(tiny_setup, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_ctrl_c_saves_a_checkpoint_first(tiny_setup, tmp_path, monkeypatch, capsys):
-    real_step = pretrain.Trainer.step
-    calls = {"n": 0}
+def interrupt_on_step(monkeypatch, call: int, interrupt) -> None:
+    """Run ``interrupt()`` at the start of the ``call``-th training step (1-based)."""
+    real_step, calls = pretrain.Trainer.step, {"n": 0}
 
-    def interrupting(self, batch):
+    def step(self, batch):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
+        if calls["n"] == call:
+            interrupt()
         return real_step(self, batch)
 
-    monkeypatch.setattr(pretrain.Trainer, "step", interrupting)
+    monkeypatch.setattr(pretrain.Trainer, "step", step)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_first(tiny_setup, tmp_path, monkeypatch, capsys):
+    real_step = pretrain.Trainer.step
+    interrupt_on_step(monkeypatch, 2, raise_keyboard_interrupt)
     assert pretrain.main(tiny_args(tiny_setup, tmp_path)) == 130
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["reason"] == "interrupted" and ckpt["global_step"] == 1 and ckpt["step_in_epoch"] == 1
@@ -98,16 +107,7 @@ def test_ctrl_c_saves_a_checkpoint_first(tiny_setup, tmp_path, monkeypatch, caps
 
 def test_sigterm_is_handled_like_ctrl_c(tiny_setup, tmp_path, monkeypatch, capsys):
     """Schedulers and ``timeout`` send SIGTERM before killing: the run saves first, as on Ctrl-C."""
-    real_step = pretrain.Trainer.step
-    calls = {"n": 0}
-
-    def terminated(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, batch)
-
-    monkeypatch.setattr(pretrain.Trainer, "step", terminated)
+    interrupt_on_step(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     assert pretrain.main(tiny_args(tiny_setup, tmp_path)) == 130
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["reason"] == "interrupted" and ckpt["global_step"] == 3  # the signalled step finished first
