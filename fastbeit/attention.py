@@ -94,6 +94,31 @@ def eager_attention(q, k, v, bias, scale: float, dropout_p: float, training: boo
     return attn @ v
 
 
+def attention_from_qkv(
+    qkv: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    num_heads: int,
+    scale: float,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Self-attention of a packed projection ``[B, N, 3·H·d]`` → ``[B, N, H·d]``, as the model calls it.
+
+    The triton backend reads q, k, v from ``qkv`` and writes the ``[B, N, H·d]`` output in place
+    (no layout copies); the others split the heads as the original does and merge them back.
+    """
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    p = dropout_p if training else 0.0
+    if resolve_backend(backend, q, bias, p) == "triton":
+        from fastbeit.kernels.attention import flash_attention_qkv
+
+        return flash_attention_qkv(qkv, bias, num_heads, scale)
+    out = attention(q, k, v, bias, scale, backend, dropout_p, training)
+    return out.transpose(1, 2).reshape(b, n, c3 // 3)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -56,9 +56,11 @@ def num_relative_distance(grid: Tuple[int, int]) -> int:
 
 
 def gather_relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Table ``[R, H]`` and index ``[N, N]`` → bias ``[H, N, N]``."""
+    """Table ``[R, H]`` and index ``[N, N]`` → bias ``[H, N, N]``, a view whose rows are 16 elements
+    apart (N = 197 → 208) so each starts aligned for the attention kernels' vectorized loads."""
     n = index.shape[0]
-    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+    bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    return F.pad(bias, (0, (-n) % 16))[..., :n]
 
 
 class RelativePositionBias(nn.Module):

@@ -14,6 +14,7 @@ import random
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 
 MASKING_MODES = ("blockwise", "exact", "random")
 
@@ -143,3 +144,15 @@ class MaskingGenerator:
         if self.mode == "exact":
             mask = self._top_up(mask, rng)
         return mask
+
+
+def padded_positions(mask: torch.Tensor, max_masked: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[B, K]`` token positions of each image's masked patches, in ``x[mask]`` order, padded with
+    unmasked positions, and ``[B, K]`` validity (True for the real ones); ``K = max_masked`` (or N).
+
+    A stable descending sort of the 0/1 mask: static shapes and no ``nonzero``, hence no host sync.
+    """
+    K = mask.shape[1] if max_masked is None else int(max_masked)
+    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :K]
+    valid = torch.arange(K, device=mask.device) < mask.sum(1, keepdim=True)
+    return order, valid

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastbeit import ops
-from fastbeit.attention import attention
+from fastbeit.attention import attention_from_qkv, resolve_backend
 from fastbeit.config import BeitConfig, make_config
 from fastbeit.layers import (
     DropPath,
@@ -29,6 +29,7 @@ from fastbeit.layers import (
     relative_position_index,
     trunc_normal_,
 )
+from fastbeit.masking import padded_positions
 
 
 class Attention(nn.Module):
@@ -58,15 +59,13 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, n, c = x.shape
         qkv = qkv_projection(x, self.qkv.weight, self.q_bias, self.v_bias)
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = rel_pos_bias
         if self.relative_position_bias_table is not None:
             own = gather_relative_bias(self.relative_position_bias_table, self.relative_position_index)
             bias = own if bias is None else bias + own
-        out = attention(q, k, v, bias, self.scale, self.backend, self.attn_drop, self.training)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        out = attention_from_qkv(qkv, bias, self.num_heads, self.scale, self.backend, self.attn_drop, self.training)
+        return self.proj_drop(self.proj(out))
 
 
 class Block(nn.Module):
@@ -116,6 +115,18 @@ class BeitEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, rel_pos_bias)
         return x
+
+    def check_fast_paths(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise :class:`UserError` now if ``attn_backend`` or ``kernels`` cannot run this model on
+        ``device`` in ``dtype``: one clear line before a run starts, not a stack trace out of
+        ``torch.compile``'s first trace."""
+        cfg = self.cfg
+        n = cfg.num_patches + 1
+        q = torch.empty(1, cfg.num_heads, n, cfg.head_dim, device=device, dtype=dtype)
+        has_bias = cfg.use_shared_rel_pos_bias or cfg.use_rel_pos_bias
+        bias = torch.empty(cfg.num_heads, n, n, device=device) if has_bias else None
+        resolve_backend(cfg.attn_backend, q, bias, cfg.attn_drop_rate)
+        ops.check_impl(cfg.kernels, q)
 
     def no_weight_decay(self) -> set:
         """Parameter names kept out of weight decay besides 1-D tensors and biases."""
@@ -168,28 +179,40 @@ class BeitForMaskedImageModeling(BeitEncoder):
         images: torch.Tensor,
         bool_masked_pos: torch.Tensor,
         token_ids: torch.Tensor,
-        num_masked: Optional[int] = None,
+        max_masked: Optional[int] = None,
     ) -> MIMOutput:
         """Mean cross entropy and mlm_acc over the masked patches, without full-size logits.
 
-        ``token_ids`` are the tokenizer's ids for every patch ``[B, N]``; ``num_masked`` (when
-        every image has exactly that many masked patches) lets the gather skip a host sync.
+        ``token_ids`` are the tokenizer's ids for every patch ``[B, N]``; ``max_masked`` is the most
+        masked patches any image has (the masking's target count: 75 for BEiT, default N). Each image
+        is gathered into that many rows with a validity mask, so every shape is static and nothing is
+        read back to the host: one graph for ``torch.compile`` and CUDA graphs, with the faithful
+        variable-count masks. The loss is still the mean over the real masked tokens.
         """
         x = self.forward_features(images, bool_masked_pos)[:, 1:]
         loss, acc = ops.gathered_cross_entropy(
-            x, bool_masked_pos, self.lm_head.weight, self.lm_head.bias, token_ids, num_masked, self.cfg.kernels
+            x, bool_masked_pos, self.lm_head.weight, self.lm_head.bias, token_ids, max_masked, self.cfg.kernels
         )
         return MIMOutput(loss, acc)
 
-    def forward_pixel_loss(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> MIMOutput:
+    def forward_pixel_loss(
+        self, images: torch.Tensor, bool_masked_pos: torch.Tensor, max_masked: Optional[int] = None
+    ) -> MIMOutput:
         """The paper's pixel-regression ablation: ``lm_head`` (``vocab_size = 3·patch²`` outputs)
-        regresses the masked patches' normalized pixels with a mean squared error."""
+        regresses the masked patches' normalized pixels with a mean squared error (over the masked
+        patches' values, gathered into ``max_masked`` padded rows like the token loss)."""
         x = self.forward_features(images, bool_masked_pos)[:, 1:]
-        pred = self.lm_head(x[bool_masked_pos]).float()
-        target = patchify(images, self.cfg.patch_size)[bool_masked_pos].float()
-        if pred.shape[-1] != target.shape[-1]:
-            raise ValueError(f"pixel targets need vocab_size = {target.shape[-1]} (3·patch²), got {pred.shape[-1]}")
-        loss = torch.nn.functional.mse_loss(pred, target)
+        target = patchify(images, self.cfg.patch_size)
+        if self.lm_head.out_features != target.shape[-1]:
+            raise ValueError(
+                f"pixel targets need vocab_size = {target.shape[-1]} (3·patch²), got {self.lm_head.out_features}"
+            )
+        order, valid = padded_positions(bool_masked_pos, max_masked)
+        rows = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        pred = self.lm_head(rows).float()
+        target = target.gather(1, order.unsqueeze(-1).expand(-1, -1, target.shape[-1])).float()
+        per_row = (pred - target).pow(2).mean(-1)
+        loss = torch.where(valid, per_row, 0.0).sum() / valid.sum()
         return MIMOutput(loss, torch.full_like(loss, float("nan")))
 
 

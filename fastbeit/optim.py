@@ -43,10 +43,12 @@ def build_adamw(
     eps: float = 1e-8,
     fused: Optional[bool] = None,
 ) -> torch.optim.AdamW:
-    """AdamW over ``groups``; PyTorch's fused kernel on CUDA (the native stand-in for apex)."""
+    """AdamW over ``groups``; PyTorch's fused kernel (the native stand-in for apex) on CUDA and the
+    CPU: one launch per step, and its step counters stay on the device (the foreach version reads
+    them back with ``.item()``, a host sync per parameter group)."""
     params = [p for g in groups for p in g["params"]]
     if fused is None:
-        fused = bool(params) and all(p.is_cuda for p in params)
+        fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
     clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 

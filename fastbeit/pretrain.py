@@ -41,6 +41,7 @@ from fastbeit.cli import (
     tell_non_finite,
     whole_step,
 )
+from fastbeit.compiled import COMPILE_MODES, CompiledStep
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
 from fastbeit.data.folder import ImageFolderDataset
 from fastbeit.data.sampler import ResumableSampler
@@ -104,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--abs_pos_emb", action="store_true", help="absolute position embedding")
     add("--attn", choices=ATTN_BACKENDS, default="auto", help="attention backend")
     add("--kernels", choices=KERNEL_IMPLS, default="auto", help="fused Triton kernels or references")
-    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the step as one graph (default: on CUDA; --no-compile runs eagerly)")
+    add("--compile_mode", choices=COMPILE_MODES, default="default",
+        help="torch.compile mode; reduce-overhead replays the step as CUDA graphs")
 
     add("--tokenizer", default=None,
         help="tokenizer: a fastbeit .safetensors file or DALL-E's encoder.pkl (unpickled: only a file you trust); "
@@ -165,6 +169,8 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
     return args
 
 
@@ -289,11 +295,11 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, mask, token_ids: Optional[torch.Tensor], num_masked: Optional[int] = None):
+    def forward(self, images, mask, token_ids: Optional[torch.Tensor], max_masked: Optional[int] = None):
         if token_ids is None:
-            out = self.model.forward_pixel_loss(images, mask)
+            out = self.model.forward_pixel_loss(images, mask, max_masked)
         else:
-            out = self.model.forward_loss(images, mask, token_ids, num_masked)
+            out = self.model.forward_loss(images, mask, token_ids, max_masked)
         return out.loss, out.mlm_acc
 
 
@@ -314,7 +320,7 @@ class Trainer:
         self.model = build_model(args, vocab).to(self.device)
         self.cfg = self.model.cfg
         self.mask_gen = build_mask_generator(args, self.cfg.grid[0])
-        self.num_masked_static = args.num_mask_patches if args.mask_mode in ("exact", "random") else None
+        self.max_masked = args.num_mask_patches  # no mask mode masks more: the loss gathers this many rows
         if args.mask_sampler == "auto":
             args.mask_sampler = "gpu" if choose_loader(args.loader, args.device) == "dali" else "cpu"
         self.gpu_masks = args.mask_sampler == "gpu"
@@ -329,9 +335,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
         self.resume()
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+        self.model.check_fast_paths(self.device, amp_dtype)  # a clear error now, not from inside compile
         self.train_model = LossModule(self.model)
         if args.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
@@ -394,7 +402,7 @@ class Trainer:
             with torch.no_grad(), amp_context(args.amp, dev):
                 token_ids = self.tokenizer.encode(token_view).flatten(1)
         with amp_context(args.amp, dev):
-            loss, mlm_acc = self.train_model(images, mask, token_ids, self.num_masked_static)
+            loss, mlm_acc = self.train_model(images, mask, token_ids, self.max_masked)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)

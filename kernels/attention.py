@@ -31,7 +31,9 @@ allows plain TF32, as for PyTorch's own matmuls.
 """
 
 import contextlib
+import functools
 import math
+import os
 from typing import Any, Optional
 
 import torch
@@ -57,28 +59,22 @@ _LOG2E = math.log2(math.e)  # softmax runs in base 2: exp(x) = exp2(x·log2 e)
 if triton is not None:
     _LOG2E_C = tl.constexpr(_LOG2E)
 
-    def _configs(cuda: list) -> list:
-        """Autotune candidates ``(BLOCK_M, BLOCK_N, warps, stages)``: one when interpreting.
-
-        The interpreter cannot autotune over several configs; 32×32 tiles keep it quick while
-        still splitting N = 37 or 65 into full and partial blocks.
-        """
-        if interpreting():
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cuda]
-
-    # Candidates checked to compile for sm_90 (ptxas, no GPU); spills noted are at d = 128, where
-    # autotuning is left to drop them. Forward: a query block holds q and an fp32 accumulator;
-    # taller query blocks reuse each K/V load more.
-    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
-    # dK/dV/d(bias): a key block holds k, v and two fp32 accumulators, so query tiles stay short
-    # (64×64 tiles at 4 warps already spill at d = 64).
-    _DKDV_CONFIGS = _configs([(32, 64, 4, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2)])
+    # Tile candidates (BLOCK_M, BLOCK_N, warps, stages), checked to compile for sm_90 (ptxas, no
+    # GPU). The FIRST of each list is pinned: a run, its resume and every DDP rank then use the same
+    # tiles, hence the same accumulation order (bitwise-repeatable results on one device kind).
+    # FASTBEIT_AUTOTUNE=1 times all of them instead (picks may differ between processes).
+    # Forward: a query block holds q and an fp32 accumulator; taller query blocks reuse K/V more.
+    _FWD_TILES = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+    # dK/dV/d(bias): a key block holds k, v and two fp32 accumulators, so query tiles stay short;
+    # (32, 64, 4 warps) spills at d = 64 in bf16, so the 8-warp variant is pinned.
+    _DKDV_TILES = [(32, 64, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2), (32, 32, 4, 2)]
     # dQ: the mirror image, lighter (one accumulator).
-    _DQ_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)])
-    _KEY = ["N", "BLOCK_D", "HAS_BIAS"]
+    _DQ_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+    # The interpreter runs one small tile (it cannot autotune); 32×32 still splits N = 37 or 65
+    # into full and partial blocks.
+    _INTERPRETER_TILE = (32, 32, 4, 1)
+    TILE_CANDIDATES = {"fwd": _FWD_TILES, "dkdv": _DKDV_TILES, "dq": _DQ_TILES}
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
     @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, BIAS, OUT, LSE,
@@ -170,7 +166,6 @@ if triton is not None:
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + (b * H + h) * N + offs_m, delta, mask=m_mask)
 
-    @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS", "ACC_DBIAS"])
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DB,
@@ -265,7 +260,6 @@ if triton is not None:
                 # program: make this image's stores visible to the whole CTA first.
                 tl.debug_barrier()
 
-    @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
     @triton.jit
     def _attn_bwd_dq_kernel(
         Q, K, V, BIAS, DO, LSE, DELTA, DQ,
@@ -334,6 +328,52 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 
+def autotuning() -> bool:
+    """Whether the tiles are timed per shape (FASTBEIT_AUTOTUNE=1) rather than pinned."""
+    return os.environ.get("FASTBEIT_AUTOTUNE", "0") == "1" and not interpreting()
+
+
+def _kernel(name: str):
+    """The jitted kernel (pinned tiles), or its ``triton.autotune`` wrapper when autotuning."""
+    if autotuning():
+        return _autotuned(name)
+    return {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[name]
+
+
+@functools.cache
+def _autotuned(name: str):
+    kernel, tiles, key = {
+        "fwd": (_attn_fwd_kernel, _FWD_TILES, ["N", "BLOCK_D", "HAS_BIAS"]),
+        "dkdv": (_attn_bwd_dkdv_kernel, _DKDV_TILES, ["N", "BLOCK_D", "HAS_BIAS", "HAS_DBIAS", "ACC_DBIAS"]),
+        "dq": (_attn_bwd_dq_kernel, _DQ_TILES, ["N", "BLOCK_D", "HAS_BIAS"]),
+    }[name]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def _launch_tile(name: str) -> dict:
+    """Launch keywords of the pinned tile (none when autotuning: the autotuner sets them)."""
+    if autotuning():
+        return {}
+    m, n, w, s = _INTERPRETER_TILE if interpreting() else TILE_CANDIDATES[name][0]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+
+def pinned_tiles() -> dict:
+    """The tiles every launch uses, by kernel, for results notes (empty values when autotuning)."""
+    return {name: _launch_tile(name) for name in ("fwd", "dkdv", "dq")}
+
+
+def _dkdv_block_n() -> int:
+    """BLOCK_N of the dK/dV launch (when autotuning: the largest candidate, so the d(bias) chunking
+    never under-fills the GPU)."""
+    if autotuning():
+        return max(t[1] for t in _DKDV_TILES)
+    return _launch_tile("dkdv")["BLOCK_N"]
+
+
+
+
 def _block_d(head_dim: int) -> int:
     """Head dim padded to a power of two ≥ 16 (tl.arange needs a power of two, tl.dot ≥ 16)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -391,24 +431,33 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+    out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output ``[B, H, N, d]`` (contiguous, q's dtype) and base-2 row log-sum-exp ``[B, H, N]``."""
+    """Output ``[B, H, N, d]`` in q's dtype (written into ``out``, any strides, when given; else a new
+    contiguous tensor) and the base-2 row log-sum-exp ``[B, H, N]``."""
     B, H, N, D = q.shape
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)
     with _on_device(q.device):
-        _attn_fwd_kernel[grid](
+        _kernel("fwd")[grid](
             q, k, v, q if bias is None else bias, o, lse,
             *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *o.stride(),
             H, N, D, scale * _LOG2E,
             HAS_BIAS=bias is not None, UPCAST=interpreting() or q.dtype == torch.float32,
-            DOT_PREC=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+            DOT_PREC=_dot_precision(q.dtype), BLOCK_D=_block_d(D), **_launch_tile("fwd"),
         )  # fmt: skip
     return o, lse
+
+
+def aligned_row_stride(n: int) -> int:
+    """Row stride for an ``[..., N, N]`` bias or its gradient: N rounded up to 16 elements, so every
+    row starts 32/64-byte aligned (197 → 208) for vectorized loads (PyTorch's SDPA pads an unaligned
+    mask itself, with a copy per call)."""
+    return n + (-n) % 16
 
 
 def _backward(
@@ -422,12 +471,17 @@ def _backward(
     scale: float,
     need_dq: bool,
     need_dbias: bool,
+    grads: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """dq (None unless ``need_dq``), dk, dv, d(bias) (None unless ``need_dbias``)."""
+    """dq (None unless ``need_dq``), dk, dv, d(bias) (None unless ``need_dbias``). ``grads``: views
+    (any strides) to write dq, dk, dv into, e.g. the three slices of one packed ``d(qkv)``."""
     B, H, N, D = q.shape
-    dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty_like(dk)
-    dq = torch.empty_like(dk) if need_dq else None
+    if grads is not None:
+        dq, dk, dv = grads
+    else:
+        dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        dq = torch.empty_like(dk) if need_dq else None
     if dk.numel() == 0:
         dbias = torch.zeros_like(bias) if need_dbias else None
         return (dq.zero_() if need_dq else None), dk.zero_(), dv.zero_(), dbias
@@ -442,15 +496,16 @@ def _backward(
     bias_strides = _bias_strides(bias)
 
     shared_dbias = need_dbias and _is_shared(bias)
+    row = aligned_row_stride(N)
     if shared_dbias:
-        chunks = _dbias_chunks(B, triton.cdiv(N, 64), H, q.device)
+        chunks = _dbias_chunks(B, triton.cdiv(N, _dkdv_block_n()), H, q.device)
         per_prog = math.ceil(B / chunks)
         chunks = math.ceil(B / per_prog)
-        db = torch.empty((chunks, H, N, N), dtype=torch.float32, device=q.device)  # partial sums
+        db = torch.empty((chunks, H, N, row), dtype=torch.float32, device=q.device)[..., :N]  # partial sums
         db_strides = db.stride()
     elif need_dbias:  # per-image bias: each image's gradient is written once, in the bias dtype
         chunks, per_prog = B, 1
-        db = torch.empty((B, H, N, N), dtype=bias.dtype, device=q.device)
+        db = torch.empty((B, H, N, row), dtype=bias.dtype, device=q.device)[..., :N]
         db_strides = db.stride()
     else:
         chunks, per_prog, db, db_strides = B, 1, dk, (0, 0, 0, 0)
@@ -460,20 +515,20 @@ def _backward(
         _attn_bwd_delta_kernel[(triton.cdiv(N, 64), H, B)](
             o, do, delta, *o.stride(), *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=block_d,
         )  # fmt: skip
-        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), H, chunks)](
+        _kernel("dkdv")[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), H, chunks)](
             q, k, v, bias_arg, do, lse, delta, dk, dv, db,
             *q.stride(), *k.stride(), *v.stride(), *bias_strides, *do.stride(),
             *dk.stride(), *dv.stride(), *db_strides,
             H, N, D, B, per_prog, qk_scale, scale,
             HAS_BIAS=has_bias, HAS_DBIAS=need_dbias, ACC_DBIAS=shared_dbias,
-            UPCAST=upcast, DOT_PREC=prec, BLOCK_D=block_d,
+            UPCAST=upcast, DOT_PREC=prec, BLOCK_D=block_d, **_launch_tile("dkdv"),
         )  # fmt: skip
         if need_dq:
-            _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
+            _kernel("dq")[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
                 q, k, v, bias_arg, do, lse, delta, dq,
                 *q.stride(), *k.stride(), *v.stride(), *bias_strides, *do.stride(), *dq.stride(),
                 H, N, D, qk_scale, scale,
-                HAS_BIAS=has_bias, UPCAST=upcast, DOT_PREC=prec, BLOCK_D=block_d,
+                HAS_BIAS=has_bias, UPCAST=upcast, DOT_PREC=prec, BLOCK_D=block_d, **_launch_tile("dq"),
             )  # fmt: skip
     dbias = None
     if shared_dbias:
@@ -506,6 +561,72 @@ class FlashAttentionFunction(torch.autograd.Function):
             do, q, k, v, bias, o, lse, ctx.scale, need_dq=need_q, need_dbias=bias is not None and need_bias
         )
         return dq, (dk if need_k else None), (dv if need_v else None), dbias, None
+
+
+# --------------------------------------------------------------------------------------------
+# The model's operator: packed qkv in, [B, N, H·d] out, no layout copies either way
+# --------------------------------------------------------------------------------------------
+
+
+def _heads(t: torch.Tensor, parts: int, num_heads: int) -> list[torch.Tensor]:
+    """``[B, N, parts·H·d]`` → ``parts`` views ``[B, H, N, d]`` (strides; a copy only for a tensor
+    whose last dim is not dense, such as an incoming gradient of exotic layout)."""
+    B, N, C = t.shape
+    return list(t.reshape(B, N, parts, num_heads, C // (parts * num_heads)).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+if triton is not None:
+
+    @torch.library.custom_op("fastbeit::flash_attn_qkv_fwd", mutates_args=())
+    def _qkv_fwd_op(
+        qkv: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of a packed ``[B, N, 3·H·d]`` projection: ``[B, N, H·d]`` output (the layout the
+        output projection reads) and the base-2 log-sum-exp ``[B, H, N]``."""
+        B, N, C = qkv.shape
+        out = torch.empty((B, N, C // 3), dtype=qkv.dtype, device=qkv.device)
+        q, k, v = _heads(qkv, 3, num_heads)
+        _, lse = _forward(q, k, v, bias, scale, out=_heads(out, 1, num_heads)[0])
+        return out, lse
+
+    @_qkv_fwd_op.register_fake
+    def _(qkv, bias, num_heads, scale):
+        B, N, C = qkv.shape
+        return qkv.new_empty(B, N, C // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+    @torch.library.custom_op("fastbeit::flash_attn_qkv_bwd", mutates_args=())
+    def _qkv_bwd_op(
+        grad_out: torch.Tensor, qkv: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+        lse: torch.Tensor, num_heads: int, scale: float, need_dbias: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """d(qkv) written in the packed layout by the kernels, and d(bias) (empty unless asked)."""
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        q, k, v = _heads(qkv, 3, num_heads)
+        _, _, _, dbias = _backward(
+            _heads(grad_out, 1, num_heads)[0], q, k, v, bias, _heads(out, 1, num_heads)[0], lse, scale,
+            need_dq=True, need_dbias=need_dbias, grads=tuple(_heads(dqkv, 3, num_heads)),
+        )
+        return dqkv, (dbias if dbias is not None else qkv.new_empty(0))
+
+    @_qkv_bwd_op.register_fake
+    def _(grad_out, qkv, bias, out, lse, num_heads, scale, need_dbias):
+        dbias = bias.new_empty(bias.shape) if need_dbias else qkv.new_empty(0)
+        return qkv.new_empty(qkv.shape), dbias
+
+    def _qkv_setup_context(ctx, inputs, output) -> None:
+        qkv, bias, num_heads, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.mark_non_differentiable(lse)
+
+    def _qkv_backward(ctx, grad_out, _grad_lse):
+        qkv, bias, out, lse = ctx.saved_tensors
+        need_dbias = bias is not None and ctx.needs_input_grad[1]
+        dqkv, dbias = _qkv_bwd_op(grad_out, qkv, bias, out, lse, ctx.num_heads, ctx.scale, need_dbias)
+        return dqkv, (dbias if need_dbias else None), None, None
+
+    _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,3 +743,28 @@ def attention_reference(
     if bias is not None:
         scores = scores + bias.float()
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+def flash_attention_qkv(
+    qkv: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Attention straight from the qkv projection: ``qkv`` ``[B, N, 3·H·d]`` (q, k, v packed as the
+    original's ``reshape(B, N, 3, H, d)`` reads them) → ``[B, N, H·d]``, ready for the output
+    projection. The kernels read q, k, v and write the output and d(qkv) through strides: no
+    permute, unbind or reshape copies in the forward or the backward. A PyTorch operator
+    (``fastbeit::flash_attn_qkv_fwd`` / ``_bwd``): ``torch.compile(fullgraph=True)`` traces it."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [B, N, 3·H·d] with H = {num_heads}, got shape {tuple(qkv.shape)}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    B, N, C = qkv.shape
+    head_dim = C // (3 * num_heads)
+    q = _heads(qkv, 3, num_heads)[0]  # a view, for the checks
+    _check_shapes(q, q, q, bias)
+    ok, why = supports(q, bias)
+    if not ok:
+        raise ValueError(f"flash_attention_qkv cannot run this input: {why}")
+    if B > 65535:
+        raise ValueError(f"batch size {B} exceeds the kernels' grid limit of 65535; split the batch")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    return _qkv_fwd_op(qkv, bias, num_heads, scale)[0]

@@ -13,10 +13,20 @@ logits and as much again for their gradient at batch 256). Here:
   masked positions and accumulate ``dlogitsᵀ @ hidden`` (+ column sums for d(bias)) into float32
   d(weight) / d(bias). Each tile is owned by one program: no atomics, deterministic.
 
+Static shapes, no host sync. The original masks a variable number of patches per image (64-75 of
+196), so its boolean gather ``x[mask]`` has a data-dependent size (a ``nonzero``, a host sync, and no
+CUDA graph or single compiled graph). Here every image contributes ``max_masked`` rows (75, the most
+any mask has): a stable sort of the mask puts its masked positions first, in the order ``x[mask]``
+visits them, and a validity mask marks the padding rows past each image's count. Padding rows are
+computed and then weighted 0, so the loss and accuracy are the original's mean over the real masked
+tokens (summed in another order). An image with more than ``max_masked`` masked patches makes the
+loss NaN on the device (``validate=True`` raises instead, at the cost of a sync).
+
 Rows are addressed by flat position ``b * N + n``, so ``hidden`` (e.g. the slice ``x[:, 1:]`` of a
-``[B, N+1, D]`` tensor) and ``targets`` are read through their strides: nothing is copied. With
-``num_masked`` the positions come from a stable sort of the mask (no host sync); otherwise from
-``nonzero`` (one sync, as the reference's boolean indexing).
+``[B, N+1, D]`` tensor) is read through its strides: nothing is copied. The kernels are PyTorch
+operators (``torch.library.custom_op``: ``fastbeit::gathered_ce_fwd`` / ``_bwd`` with fake
+implementations and a registered autograd formula), so ``torch.compile`` traces the whole step
+through them with ``fullgraph=True``.
 
 Dtype rules. The matmuls multiply in a "compute dtype" and accumulate in float32: the autocast dtype
 when autocast is on for the inputs' device (what ``F.linear`` would use), else the common dtype of
@@ -40,6 +50,7 @@ import triton.language as tl
 
 from fastbeit.kernels import interpreting, use_triton
 from fastbeit.kernels.triton_helpers import cast_rne, round_to_bf16
+from fastbeit.masking import padded_positions
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SCRATCH_ELEMENTS = 1 << 24  # backward dlogits chunk: rows * V at most this (64 MiB fp32, 32 MiB bf16)
@@ -82,28 +93,26 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row_off, row_ok, cols, col_ok, D, s_hd, s_
 
 
 @triton.jit
-def _row_addresses(rows_ptr, tgt_ptr, start, M, N, s_hb, s_hn, s_tb, s_tn, BLOCK_M: tl.constexpr):
-    """Rows start..start+BLOCK_M of the gather: hidden row offsets and targets (int64 math)."""
+def _row_addresses(rows_ptr, tgt_ptr, start, M, N, s_hb, s_hn, BLOCK_M: tl.constexpr):
+    """Rows start..start+BLOCK_M of the gather: hidden row offsets (int64 math) and their targets."""
     r = start + tl.arange(0, BLOCK_M)
     row_ok = r < M
     pos = tl.load(rows_ptr + r, mask=row_ok, other=0)
-    b = pos // N
-    n = pos % N
-    tgt = tl.load(tgt_ptr + b * s_tb + n * s_tn, mask=row_ok, other=0)
-    return r, row_ok, pos, b * s_hb + n * s_hn, tgt
+    tgt = tl.load(tgt_ptr + r, mask=row_ok, other=0)
+    return r, row_ok, pos, (pos // N) * s_hb + (pos % N) * s_hn, tgt
 
 
 @triton.jit
 def _ce_fwd_kernel(
     lse_ptr, nll_ptr, correct_ptr, h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr,
     M, N, D, V,
-    s_hb, s_hn, s_hd, s_wv, s_wd, s_tb, s_tn,
+    s_hb, s_hn, s_hd, s_wv, s_wd,
     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per masked row: lse, nll = lse - logit[target] (NaN if target is outside [0, V)), top-1 hit."""
     r, row_ok, _, row_off, tgt = _row_addresses(rows_ptr, tgt_ptr, tl.program_id(0) * BLOCK_M, M, N,
-                                                s_hb, s_hn, s_tb, s_tn, BLOCK_M)
+                                                s_hb, s_hn, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     label = tl.zeros([BLOCK_M], tl.float32)
@@ -133,21 +142,22 @@ def _ce_fwd_kernel(
 def _ce_dlogits_kernel(
     ds_ptr, scale_ptr, lse_ptr, h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr,
     M, N, D, V,
-    s_hb, s_hn, s_hd, s_wv, s_wd, s_tb, s_tn,
+    s_hb, s_hn, s_hd, s_wv, s_wd,
     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dlogits[r, v] = (softmax - onehot) * scale for one (row block, vocab block) of the chunk."""
+    """dlogits[r, v] = (softmax - onehot) * scale[r] for one (row block, vocab block) of the chunk:
+    ``scale[r]`` is d(loss)/d(nll[r]), 0 for padding rows."""
     r, row_ok, _, row_off, tgt = _row_addresses(rows_ptr, tgt_ptr, tl.program_id(0) * BLOCK_M, M, N,
-                                                s_hb, s_hn, s_tb, s_tn, BLOCK_M)
+                                                s_hb, s_hn, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     logits = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, row_ok, cols.to(tl.int64), col_ok, D, s_hd, s_wv,
                           s_wd, HAS_BIAS, DOT, PRECISION, INTERP, BLOCK_M, BLOCK_V, BLOCK_K)
     lse = tl.load(lse_ptr + r, mask=row_ok, other=0.0)
-    scale = tl.load(scale_ptr)
+    scale = tl.load(scale_ptr + r, mask=row_ok, other=0.0)
     prob = tl.exp(logits - lse[:, None])
-    ds = (prob - (cols[None, :] == tgt[:, None]).to(tl.float32)) * scale
+    ds = (prob - (cols[None, :] == tgt[:, None]).to(tl.float32)) * scale[:, None]
     offs = r.to(tl.int64)[:, None] * V + cols[None, :]
     tl.store(ds_ptr + offs, cast_rne(ds, ds_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -241,10 +251,6 @@ def _tiles(dtype: torch.dtype, D: int) -> dict:
     )
 
 
-def _common_args(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple:
-    return (*hidden.stride(), *weight.stride(), *targets.stride())
-
-
 def _kernel_flags(dtype: torch.dtype, has_bias: bool) -> dict:
     """float32 operands use TF32 only when torch allows it for matmuls (as F.linear would);
     16-bit operands keep Triton's default (the setting only affects float32)."""
@@ -253,8 +259,21 @@ def _kernel_flags(dtype: torch.dtype, has_bias: bool) -> dict:
     return dict(HAS_BIAS=has_bias, DOT=_TL_DTYPE[dtype], PRECISION=precision, INTERP=interpreting())
 
 
-def _forward(hidden, weight, bias, rows, targets, dtype):
-    """Per-row float32 lse, nll and top-1 hits for the gathered rows."""
+def _chunk_rows(V: int, block: int) -> int:
+    return max(block, (_SCRATCH_ELEMENTS // max(V, 1)) // block * block)
+
+
+# --------------------------------------------------------------------------------------------
+# The operators: kernels behind torch.library, so torch.compile sees shapes, not Triton launches
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastbeit::gathered_ce_fwd", mutates_args=())
+def _ce_fwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
+    row_targets: torch.Tensor, dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per gathered row: float32 log-sum-exp, nll (NaN for a target outside [0, V)) and top-1 hit."""
     B, N, D = hidden.shape
     V, M = weight.shape[0], rows.numel()
     lse, nll, correct = (torch.empty(M, dtype=torch.float32, device=hidden.device) for _ in range(3))
@@ -262,81 +281,100 @@ def _forward(hidden, weight, bias, rows, targets, dtype):
         return lse, nll, correct
     cfg = _tiles(dtype, D)["rows"]
     _ce_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        lse, nll, correct, hidden, weight, bias if bias is not None else weight, rows, targets,
-        M, N, D, V, *_common_args(hidden, weight, targets), **_kernel_flags(dtype, bias is not None), **cfg,
+        lse, nll, correct, hidden, weight, bias if bias is not None else weight, rows, row_targets,
+        M, N, D, V, *hidden.stride(), *weight.stride(), **_kernel_flags(dtype, bias is not None), **cfg,
     )
     return lse, nll, correct
 
 
-def _chunk_rows(V: int, block: int) -> int:
-    return max(block, (_SCRATCH_ELEMENTS // max(V, 1)) // block * block)
+@_ce_fwd_op.register_fake
+def _(hidden, weight, bias, rows, row_targets, dtype):
+    return tuple(hidden.new_empty(rows.numel(), dtype=torch.float32) for _ in range(3))
 
 
-def _backward(scale, lse, hidden, weight, bias, rows, targets, dtype, need_w):
-    """d(hidden) [B,N,D] in hidden's dtype and float32 d(weight), d(bias) (None unless needed)."""
+@torch.library.custom_op("fastbeit::gathered_ce_bwd", mutates_args=())
+def _ce_bwd_op(
+    grad_nll: torch.Tensor, lse: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], rows: torch.Tensor, row_targets: torch.Tensor, dtype: torch.dtype,
+    need_weight: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(hidden) ``[B, N, D]`` in hidden's dtype (zero off the gathered rows); d(weight), d(bias) in
+    their own dtypes, summed in float32 (empty tensors unless ``need_weight``; d(bias) also when
+    there is no bias)."""
     B, N, D = hidden.shape
     V, M = weight.shape[0], rows.numel()
     dev = hidden.device
     dh = torch.zeros(B, N, D, dtype=hidden.dtype, device=dev)
-    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_w else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_w and bias is not None else None
-    tiles = _tiles(dtype, D)
-    flags = _kernel_flags(dtype, bias is not None)
+    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_weight else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_weight and bias is not None else None
+    tiles, flags = _tiles(dtype, D), _kernel_flags(dtype, bias is not None)
     dot_flags = {k: flags[k] for k in ("DOT", "PRECISION", "INTERP")}
     rows_cfg, dh_cfg, dw_cfg = tiles["rows"], tiles["dhidden"], tiles["dweight"]
     chunk = _chunk_rows(V, rows_cfg["BLOCK_M"])
     ds = torch.empty(min(chunk, M), V, dtype=dtype, device=dev)
+    scale = grad_nll.float().contiguous()
     for c0 in range(0, M, chunk):
         r = rows[c0:c0 + chunk]
         m = r.numel()
         grid = (triton.cdiv(m, rows_cfg["BLOCK_M"]), triton.cdiv(V, rows_cfg["BLOCK_V"]))
         _ce_dlogits_kernel[grid](
-            ds, scale, lse[c0:c0 + chunk], hidden, weight, bias if bias is not None else weight, r, targets,
-            m, N, D, V, *_common_args(hidden, weight, targets), **flags, **rows_cfg,
+            ds, scale[c0:c0 + chunk], lse[c0:c0 + chunk], hidden, weight, bias if bias is not None else weight, r,
+            row_targets[c0:c0 + chunk], m, N, D, V, *hidden.stride(), *weight.stride(), **flags, **rows_cfg,
         )
         grid = (triton.cdiv(m, dh_cfg["BLOCK_M"]), triton.cdiv(D, dh_cfg["BLOCK_D"]))
         _ce_dhidden_kernel[grid](dh, ds, weight, r, m, D, V, *weight.stride(), **dot_flags, **dh_cfg)
-        if need_w:
+        if need_weight:
             grid = (triton.cdiv(V, dw_cfg["BLOCK_V"]), triton.cdiv(D, dw_cfg["BLOCK_D"]))
             _ce_dweight_kernel[grid](
                 dw, db if db is not None else dw, ds, hidden, r, m, N, D, V, *hidden.stride(), **flags, **dw_cfg,
             )
-    return dh, dw, db
+    empty = hidden.new_empty(0)
+    return (
+        dh,
+        dw.to(weight.dtype) if need_weight else empty,
+        db.to(bias.dtype) if db is not None else empty,
+    )
 
 
-class GatheredCrossEntropyFunction(torch.autograd.Function):
-    """(hidden, weight, bias, rows, targets) -> (mean loss, accuracy); accuracy has no gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, dtype):
-        lse, nll, correct = _forward(hidden, weight, bias, rows, targets, dtype)
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
-        ctx.dtype = dtype
-        acc = correct.mean()
-        ctx.mark_non_differentiable(acc)
-        return nll.mean(), acc
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_acc):
-        hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        M = rows.numel()
-        if M == 0:
-            zeros = [torch.zeros_like(t) if t is not None and n else None
-                     for t, n in zip((hidden, weight, bias), needs)]
-            return (*zeros, None, None, None)
-        scale = (grad_loss.float() / M).reshape(1)
-        dh, dw, db = _backward(scale, lse, hidden, weight, bias, rows, targets, ctx.dtype,
-                               needs[1] or needs[2])
-        return (
-            dh if needs[0] else None,
-            dw.to(weight.dtype) if needs[1] else None,
-            db.to(bias.dtype) if needs[2] else None,
-            None, None, None,
-        )
+@_ce_bwd_op.register_fake
+def _(grad_nll, lse, hidden, weight, bias, rows, row_targets, dtype, need_weight):
+    B, N, D = hidden.shape
+    dw = weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0)
+    db = bias.new_empty(bias.shape) if need_weight and bias is not None else hidden.new_empty(0)
+    return hidden.new_empty(B, N, D), dw, db
 
 
-def _validate(hidden, mask, weight, bias, targets, num_masked) -> None:
+def _ce_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, rows, row_targets, dtype = inputs
+    ctx.save_for_backward(hidden, weight, bias, rows, row_targets, output[0])
+    ctx.dtype = dtype
+    ctx.mark_non_differentiable(output[0], output[2])
+
+
+def _ce_backward(ctx, _grad_lse, grad_nll, _grad_correct):
+    hidden, weight, bias, rows, row_targets, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_nll is None:
+        grad_nll = torch.zeros_like(lse)
+    dh, dw, db = _ce_bwd_op(grad_nll, lse, hidden, weight, bias, rows, row_targets, ctx.dtype, needs[1] or needs[2])
+    return (
+        dh if needs[0] else None,
+        dw if needs[1] else None,
+        db if bias is not None and needs[2] else None,
+        None, None, None,
+    )
+
+
+_ce_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(hidden, mask, weight, bias, targets, max_masked) -> None:
+    """Shape, dtype and device checks (metadata only: no host sync)."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, N, D], got shape {tuple(hidden.shape)}")
     B, N, D = hidden.shape
@@ -352,36 +390,35 @@ def _validate(hidden, mask, weight, bias, targets, num_masked) -> None:
         raise ValueError(f"weight must be [V, D] with D = {D}, got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if num_masked is not None and not 0 <= int(num_masked) <= N:
-        raise ValueError(f"num_masked must be in [0, N = {N}], got {num_masked}")
+    if max_masked is not None and not 0 <= int(max_masked) <= N:
+        raise ValueError(f"max_masked must be in [0, N = {N}], got {max_masked}")
     tensors = [hidden, mask, weight, targets] + ([] if bias is None else [bias])
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted({str(t.device) for t in tensors})}")
 
 
-def _check_values(mask, targets, V, num_masked, rows) -> None:
-    """Checks that read values (a host sync on the GPU)."""
-    if num_masked is not None:
-        counts = mask.sum(1)
-        if bool((counts != num_masked).any()):
-            raise ValueError(
-                f"num_masked={num_masked} but the mask has {counts.min().item()}..{counts.max().item()} "
-                "masked positions per image"
-            )
-    if rows.numel():
-        picked = targets.reshape(-1)[rows]
+def check_values(mask: torch.Tensor, targets: torch.Tensor, vocab_size: int, max_masked: Optional[int]) -> None:
+    """Checks that read values: a host sync on the GPU, so only on request (``validate=True``)."""
+    if max_masked is not None:
+        most = int(mask.sum(1).max()) if mask.numel() else 0
+        if most > max_masked:
+            raise ValueError(f"max_masked={max_masked} but an image has {most} masked positions")
+    if bool(mask.any()):
+        picked = targets[mask]
         lo, hi = picked.min().item(), picked.max().item()
-        if lo < 0 or hi >= V:
-            raise ValueError(f"targets at masked positions must be in [0, {V}), got values in [{lo}, {hi}]")
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"targets at masked positions must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
 
 
-def _masked_rows(mask: torch.Tensor, num_masked: Optional[int]) -> torch.Tensor:
-    """Flat positions b * N + n of the masked entries, in row-major order (as ``x[mask]``)."""
-    B, N = mask.shape
-    if num_masked is None:
-        return mask.reshape(-1).nonzero().squeeze(1)
-    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :num_masked]
-    return (order + torch.arange(B, device=mask.device).unsqueeze(1) * N).reshape(-1)
+def _masked_mean(per_row: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, max_masked: Optional[int]):
+    """Mean of ``per_row`` over the valid rows (NaN when there are none, as the original's mean of
+    nothing), NaN when an image has more masked patches than ``max_masked`` rows hold."""
+    valid = valid.reshape(-1)
+    total = valid.sum()
+    mean = torch.where(valid, per_row, 0.0).sum() / total
+    if max_masked is not None:
+        mean = torch.where((mask.sum(1) > max_masked).any(), float("nan"), mean)
+    return mean
 
 
 def gathered_cross_entropy(
@@ -390,29 +427,53 @@ def gathered_cross_entropy(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    num_masked: Optional[int] = None,
+    max_masked: Optional[int] = None,
     *,
     validate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean cross entropy, top-1 accuracy) of ``hidden[mask] @ weight.T + bias`` vs ``targets[mask]``.
 
-    ``num_masked``: every image has exactly this many masked positions (static shapes, no host
-    sync). Value checks (targets in ``[0, V)``, ``num_masked`` agreeing with the mask) run on the
-    CPU, on the variable-count path (which syncs anyway) and when ``validate=True``; otherwise on
-    the GPU a bad target or count turns the loss into NaN instead of stopping for a check.
+    ``max_masked``: the most masked positions any image has (the masking's target count, 75 for BEiT);
+    every image is gathered into that many rows (default N: all positions). No value is read on the
+    host unless ``validate=True``; without it a target outside ``[0, V)`` or an image with more than
+    ``max_masked`` masked positions turns the loss into NaN.
     """
-    _validate(hidden, mask, weight, bias, targets, num_masked)
+    _validate(hidden, mask, weight, bias, targets, max_masked)
     floats = [hidden, weight] + ([] if bias is None else [bias])
     if not use_triton(hidden) or any(t.dtype not in _FLOATS for t in floats):
-        return gathered_cross_entropy_reference(hidden, mask, weight, bias, targets, num_masked)
-    rows = _masked_rows(mask, num_masked)
-    if validate or num_masked is None or not hidden.is_cuda:
-        _check_values(mask, targets, weight.shape[0], num_masked, rows)
-    loss, acc = GatheredCrossEntropyFunction.apply(hidden, weight, bias, rows, targets,
-                                                   _compute_dtype(hidden, weight))
-    if num_masked is not None and hidden.is_cuda and not validate:
-        loss = torch.where((mask.sum(1) != num_masked).any(), float("nan"), loss)
-    return loss, acc
+        return gathered_cross_entropy_padded(hidden, mask, weight, bias, targets, max_masked, validate=validate)
+    if validate:
+        check_values(mask, targets, weight.shape[0], max_masked)
+    B, N, _ = hidden.shape
+    order, valid = padded_positions(mask, max_masked)
+    rows = (order + torch.arange(B, device=mask.device).unsqueeze(1) * N).reshape(-1)
+    row_targets = targets.gather(1, order).reshape(-1).to(torch.int64)
+    _, nll, correct = _ce_fwd_op(hidden, weight, bias, rows, row_targets, _compute_dtype(hidden, weight))
+    return _masked_mean(nll, valid, mask, max_masked), _masked_mean(correct, valid, mask, max_masked)
+
+
+def gathered_cross_entropy_padded(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    max_masked: Optional[int] = None,
+    *,
+    validate: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same padded, sync-free gather in plain PyTorch (``[B·K, V]`` logits): the path
+    ``--kernels reference`` compiles, and the kernel's fallback where Triton cannot run."""
+    _validate(hidden, mask, weight, bias, targets, max_masked)
+    if validate:
+        check_values(mask, targets, weight.shape[0], max_masked)
+    order, valid = padded_positions(mask, max_masked)
+    rows = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    logits = F.linear(rows, weight, bias).flatten(0, 1).float()
+    labels = torch.where(valid, targets.gather(1, order), 0).reshape(-1).to(torch.int64)  # padding: any valid id
+    nll = F.cross_entropy(logits, labels, reduction="none")
+    correct = (logits.argmax(-1) == labels).float()
+    return _masked_mean(nll, valid, mask, max_masked), _masked_mean(correct, valid, mask, max_masked)
 
 
 def gathered_cross_entropy_reference(
@@ -421,11 +482,12 @@ def gathered_cross_entropy_reference(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    num_masked: Optional[int] = None,
+    max_masked: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The original computation: boolean gather, full ``[M, V]`` logits, ``F.cross_entropy``."""
-    _validate(hidden, mask, weight, bias, targets, num_masked)
-    _check_values(mask, targets, weight.shape[0], num_masked, mask.reshape(-1).nonzero().squeeze(1))
+    """The original computation: boolean gather, full ``[M, V]`` logits, ``F.cross_entropy`` (a host
+    sync for the gather's size; values checked)."""
+    _validate(hidden, mask, weight, bias, targets, max_masked)
+    check_values(mask, targets, weight.shape[0], max_masked)
     logits = F.linear(hidden[mask], weight, bias)
     labels = targets[mask]
     loss = F.cross_entropy(logits, labels)

@@ -14,7 +14,7 @@ over the few batch slices (deterministic, no atomics).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -145,31 +145,62 @@ def _backward(grad, mask, patch_dtype):
     return dpatch, colsum.sum(0), mtok.sum(0)
 
 
-class MaskedEmbedFunction(torch.autograd.Function):
-    """Autograd wrapper: the mask is saved, the activations are not needed for any gradient."""
+@torch.library.custom_op("fastbeit::masked_embed_fwd", mutates_args=())
+def _masked_embed_op(
+    patch_tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, cls_token: torch.Tensor,
+    pos_embed: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The forward kernel as a PyTorch operator (torch.compile traces through it)."""
+    return _forward(patch_tokens, mask, mask_token, cls_token, pos_embed)
 
-    @staticmethod
-    def forward(ctx, patch_tokens, mask, mask_token, cls_token, pos_embed):
-        ctx.save_for_backward(mask)
-        ctx.dtypes = (patch_tokens.dtype, mask_token.dtype, cls_token.dtype,
-                      None if pos_embed is None else pos_embed.dtype)
-        return _forward(patch_tokens, mask, mask_token, cls_token, pos_embed)
 
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        p_dtype, m_dtype, c_dtype, pos_dtype = ctx.dtypes
-        dpatch, colsum, dmtok = _backward(grad, mask, p_dtype)
-        B, n_tok, D = grad.shape
-        needs = ctx.needs_input_grad
-        dpos = colsum.view(1, n_tok, D).to(pos_dtype) if pos_dtype is not None and needs[4] else None
-        return (
-            dpatch if needs[0] else None,
-            None,
-            dmtok.view(1, 1, D).to(m_dtype) if needs[2] else None,
-            colsum[0].view(1, 1, D).to(c_dtype) if needs[3] else None,
-            dpos,
-        )
+@_masked_embed_op.register_fake
+def _(patch_tokens, mask, mask_token, cls_token, pos_embed):
+    B, N, D = patch_tokens.shape
+    return patch_tokens.new_empty(B, N + 1, D, dtype=_out_dtype(patch_tokens, mask_token, cls_token, pos_embed))
+
+
+@torch.library.custom_op("fastbeit::masked_embed_bwd", mutates_args=())
+def _masked_embed_bwd_op(
+    grad: torch.Tensor, mask: torch.Tensor, patch_dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(patch) ``[B, N, D]``, float32 column sums ``[N+1, D]`` (d(pos), d(cls) = row 0), d(mask_token) ``[D]``."""
+    return _backward(grad, mask, patch_dtype)
+
+
+@_masked_embed_bwd_op.register_fake
+def _(grad, mask, patch_dtype):
+    B, n_tok, D = grad.shape
+    f32 = torch.float32
+    return grad.new_empty(B, n_tok - 1, D, dtype=patch_dtype), grad.new_empty(n_tok, D, dtype=f32), \
+        grad.new_empty(D, dtype=f32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    patch_tokens, mask, mask_token, cls_token, pos_embed = inputs
+    ctx.save_for_backward(mask)
+    ctx.dtypes = (patch_tokens.dtype, mask_token.dtype, cls_token.dtype,
+                  None if pos_embed is None else pos_embed.dtype)
+
+
+def _backward_formula(ctx, grad):
+    """The activations are not needed for any gradient: only the mask was saved."""
+    (mask,) = ctx.saved_tensors
+    p_dtype, m_dtype, c_dtype, pos_dtype = ctx.dtypes
+    dpatch, colsum, dmtok = _masked_embed_bwd_op(grad, mask, p_dtype)
+    B, n_tok, D = grad.shape
+    needs = ctx.needs_input_grad
+    dpos = colsum.view(1, n_tok, D).to(pos_dtype) if pos_dtype is not None and needs[4] else None
+    return (
+        dpatch if needs[0] else None,
+        None,
+        dmtok.view(1, 1, D).to(m_dtype) if needs[2] else None,
+        colsum[0].view(1, 1, D).to(c_dtype) if needs[3] else None,
+        dpos,
+    )
+
+
+_masked_embed_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def _validate(patch_tokens, mask, mask_token, cls_token, pos_embed) -> None:
@@ -203,7 +234,7 @@ def masked_embed(
     floats = [patch_tokens, mask_token, cls_token] + ([] if pos_embed is None else [pos_embed])
     if not use_triton(patch_tokens) or any(t.dtype not in _FLOATS for t in floats):
         return masked_embed_reference(patch_tokens, mask, mask_token, cls_token, pos_embed)
-    return MaskedEmbedFunction.apply(patch_tokens, mask, mask_token, cls_token, pos_embed)
+    return _masked_embed_op(patch_tokens, mask, mask_token, cls_token, pos_embed)
 
 
 def masked_embed_reference(

@@ -198,22 +198,34 @@ def _block_mask(launches: list):
 
 
 def _attention_all(launches: list):
-    """fwd + bwd of ``flash_attention`` as BEiT-Base calls it (q, k, v views of one qkv tensor, a
-    shared fp32 [H, N+1, N+1] bias needing grad), every autotune config: bf16 (--amp bf16) and fp32
-    at torch's default matmul precision (3xTF32). Batch 4: 2 images per d(bias) chunk, as on the GPU
-    (where the chunk count depends on the SM count), not a specialized 1."""
+    """fwd + bwd of the model's ``flash_attention_qkv`` operator (a packed BEiT-Base qkv, a shared fp32
+    [H, N+1, N+1] bias needing grad, rows at the aligned stride) and of ``flash_attention`` (q, k, v
+    views), with every tile candidate in turn: bf16 (--amp bf16) and fp32 at torch's default matmul
+    precision (3xTF32). Batch 4: 2 images per d(bias) chunk, as on the GPU (where the chunk count
+    depends on the SM count), not a specialized 1."""
     import torch
 
     from fastbeit.kernels import attention as mod
 
     batch, n, head_dim = 4, N + 1, D // HEADS
-    for dtype in (torch.bfloat16, torch.float32):
-        qkv = torch.randn(batch, n, 3, HEADS, head_dim, dtype=dtype, requires_grad=True)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        bias = torch.randn(HEADS, n, n, requires_grad=True)
-        with _recording(mod, launches, f"{_short(dtype)}, fp32 bias"):
-            out = mod.flash_attention(q, k, v, bias, head_dim**-0.5)
-            out.backward(torch.randn_like(out))
+    pinned = mod._launch_tile
+    for tile in range(4):
+        mod._launch_tile = lambda name, i=tile: dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+                                                         mod.TILE_CANDIDATES[name][i]))
+        try:
+            for dtype in (torch.bfloat16, torch.float32):
+                qkv = torch.randn(batch, n, 3 * D, dtype=dtype, requires_grad=True)
+                row = mod.aligned_row_stride(n)
+                bias = torch.randn(HEADS, n, row)[..., :n].requires_grad_(True)
+                with _recording(mod, launches, f"{_short(dtype)}, fp32 bias, qkv op"):
+                    out = mod._qkv_fwd_op(qkv, bias, HEADS, head_dim**-0.5)[0]
+                    out.backward(torch.randn_like(out))
+                q, k, v = qkv.detach().view(batch, n, 3, HEADS, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                with _recording(mod, launches, f"{_short(dtype)}, fp32 bias"):
+                    out = mod.flash_attention(q, k, v, bias, head_dim**-0.5)
+                    out.backward(torch.randn_like(out))
+        finally:
+            mod._launch_tile = pinned
     return mod
 
 
@@ -226,19 +238,24 @@ RECORDED = {"gathered_ce": _gathered_ce, "masked_embed": _masked_embed, "block_m
 
 def _attention_jobs() -> list:
     """(case, ASTSource, options, config): the attention kernels for bf16 q, k, v and an fp32 bias,
-    the first config of each autotuner."""
+    the pinned tile of each."""
+    import triton
+
     import fastbeit.kernels.attention as A
+
+    pinned = {name: triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+              for name, (m, n, w, s) in ((k, t[0]) for k, t in A.TILE_CANDIDATES.items())}
 
     bf, f32 = "bf16", "fp32"
     common = dict(UPCAST=False, DOT_PREC="tf32", BLOCK_D=64)
     jobs = [
-        (A._attn_fwd_kernel, dict(Q=bf, K=bf, V=bf, BIAS=f32, OUT=bf, LSE=f32), dict(HAS_BIAS=True), A._FWD_CONFIGS[0]),
+        (A._attn_fwd_kernel, dict(Q=bf, K=bf, V=bf, BIAS=f32, OUT=bf, LSE=f32), dict(HAS_BIAS=True), pinned["fwd"]),
         (A._attn_bwd_delta_kernel, dict(OUT=bf, DO=bf, DELTA=f32), dict(BLOCK_M=64, BLOCK_D=64), None),
         (A._attn_bwd_dkdv_kernel,
          dict(Q=bf, K=bf, V=bf, BIAS=f32, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, DB=f32),
-         dict(HAS_BIAS=True, HAS_DBIAS=True, ACC_DBIAS=True), A._DKDV_CONFIGS[0]),
+         dict(HAS_BIAS=True, HAS_DBIAS=True, ACC_DBIAS=True), pinned["dkdv"]),
         (A._attn_bwd_dq_kernel, dict(Q=bf, K=bf, V=bf, BIAS=f32, DO=bf, LSE=f32, DELTA=f32, DQ=bf),
-         dict(HAS_BIAS=True), A._DQ_CONFIGS[0]),
+         dict(HAS_BIAS=True), pinned["dq"]),
     ]  # fmt: skip
     out = []
     for kernel, pointers, flags, config in jobs:

@@ -12,9 +12,10 @@ import torch
 
 from fastbeit.kernels import gathered_ce
 from fastbeit.kernels.gathered_ce import (
-    GatheredCrossEntropyFunction,
     gathered_cross_entropy,
+    gathered_cross_entropy_padded,
     gathered_cross_entropy_reference,
+    padded_positions,
 )
 
 
@@ -95,15 +96,35 @@ def test_bf16_hidden_fp32_weight_under_autocast():
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
-def test_exact_count_gathers_the_same_rows_without_a_sync():
-    case = make_case(3, 13, 48, 1000, num_masked=5)
+def test_padded_positions_follow_the_boolean_gather_order():
+    case = make_case(3, 13, 48, 1000)
     mask = case[1]
-    rows = gathered_ce._masked_rows(mask, 5)  # stable sort: no nonzero, same order as x[mask]
-    assert torch.equal(rows, mask.reshape(-1).nonzero().squeeze(1))
-    loss, acc, _ = run(gathered_cross_entropy, *case, 5)
-    ref_loss, ref_acc, _ = run(gathered_cross_entropy_reference, *case, 5)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-    assert acc == ref_acc
+    order, valid = padded_positions(mask, 13)  # stable sort: no nonzero, same order as x[mask]
+    flat = (order + torch.arange(3).unsqueeze(1) * 13)[valid]
+    assert torch.equal(flat, mask.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(valid.sum(1), mask.sum(1))
+
+
+@pytest.mark.parametrize("fn", [gathered_cross_entropy, gathered_cross_entropy_padded])
+def test_variable_counts_padded_to_the_maximum_equal_the_boolean_gather(fn):
+    """The faithful masks' variable count: K = the most any image has, padding rows weighted 0."""
+    case = make_case(4, 29, 40, 1000)
+    most = int(case[1].sum(1).max())
+    assert case[1].sum(1).min() < most  # really variable
+    for max_masked in (most, most + 3):
+        loss, acc, grads = run(fn, *case, max_masked)
+        ref_loss, ref_acc, ref_grads = run(gathered_cross_entropy_reference, *case)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(acc, ref_acc, rtol=1e-6, atol=0)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", [gathered_cross_entropy, gathered_cross_entropy_padded])
+def test_more_masked_than_max_masked_gives_nan_without_a_check(fn):
+    case = make_case(2, 13, 40, 1000, num_masked=6)
+    loss, acc, _ = run(fn, *case, 5)
+    assert loss.isnan() and acc.isnan()
 
 
 def test_backward_in_several_row_chunks(monkeypatch):
@@ -152,31 +173,55 @@ def test_no_masked_positions():
 def test_bad_target_without_checks_gives_nan():
     x, mask, weight, bias, targets = make_case(2, 13, 40, 1000)
     targets[mask] = 1000
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    loss, _ = GatheredCrossEntropyFunction.apply(x[:, 1:], weight, bias, rows, targets, torch.float32)
+    loss, _ = gathered_cross_entropy(x[:, 1:], mask, weight, bias, targets)
     assert loss.isnan()
 
 
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        (lambda c: c.update(hidden=c["hidden"][:, :, :-1]), "weight must be"),
-        (lambda c: c.update(mask=c["mask"][:, :-1]), "mask must be"),
-        (lambda c: c.update(mask=c["mask"].float()), "bool"),
-        (lambda c: c.update(targets=c["targets"][:1]), "targets must be"),
-        (lambda c: c.update(bias=c["bias"][:-1]), "bias must be"),
-        (lambda c: c["targets"].__setitem__(c["mask"], 1000), r"\[0, 1000\)"),
-        (lambda c: c["targets"].__setitem__(c["mask"], -100), r"\[0, 1000\)"),
-        (lambda c: c.update(num_masked=4), "num_masked=4"),
-        (lambda c: c.update(num_masked=99), "num_masked must be"),
-        (lambda c: c.update(weight=c["weight"].to("meta")), "one device"),
-    ],
-)
-def test_clear_errors(change, match):
+def test_bad_target_on_a_padding_row_is_ignored():
     x, mask, weight, bias, targets = make_case(2, 13, 40, 1000)
-    case = dict(hidden=x.detach()[:, 1:], mask=mask, weight=weight.detach(), bias=bias.detach(),
-                targets=targets.clone(), num_masked=None)
+    targets[~mask] = 1000  # unmasked positions' ids are never a target
+    for fn in (gathered_cross_entropy, gathered_cross_entropy_padded):
+        loss, acc = fn(x[:, 1:], mask, weight, bias, targets)
+        assert loss.isfinite() and acc.isfinite()
+
+
+SHAPE_ERRORS = [
+    (lambda c: c.update(hidden=c["hidden"][:, :, :-1]), "weight must be"),
+    (lambda c: c.update(mask=c["mask"][:, :-1]), "mask must be"),
+    (lambda c: c.update(mask=c["mask"].float()), "bool"),
+    (lambda c: c.update(targets=c["targets"][:1]), "targets must be"),
+    (lambda c: c.update(bias=c["bias"][:-1]), "bias must be"),
+    (lambda c: c.update(max_masked=99), "max_masked must be"),
+    (lambda c: c.update(weight=c["weight"].to("meta")), "one device"),
+]
+VALUE_ERRORS = [
+    (lambda c: c["targets"].__setitem__(c["mask"], 1000), r"\[0, 1000\)"),
+    (lambda c: c["targets"].__setitem__(c["mask"], -100), r"\[0, 1000\)"),
+    (lambda c: c.update(max_masked=2), "max_masked=2"),
+]
+
+
+def _case_dict():
+    x, mask, weight, bias, targets = make_case(2, 13, 40, 1000)
+    return dict(hidden=x.detach()[:, 1:], mask=mask, weight=weight.detach(), bias=bias.detach(),
+                targets=targets.clone(), max_masked=None)
+
+
+@pytest.mark.parametrize("change, match", SHAPE_ERRORS)
+def test_clear_shape_errors(change, match):
+    case = _case_dict()
     change(case)
-    for fn in (gathered_cross_entropy, gathered_cross_entropy_reference):
+    for fn in (gathered_cross_entropy, gathered_cross_entropy_padded, gathered_cross_entropy_reference):
         with pytest.raises(ValueError, match=match):
             fn(**case)
+
+
+@pytest.mark.parametrize("change, match", VALUE_ERRORS)
+def test_value_errors_when_asked_to_validate(change, match):
+    case = _case_dict()
+    change(case)
+    with pytest.raises(ValueError, match=match):
+        gathered_cross_entropy_reference(**case)
+    for fn in (gathered_cross_entropy, gathered_cross_entropy_padded):
+        with pytest.raises(ValueError, match=match):
+            fn(**case, validate=True)

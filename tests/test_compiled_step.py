@@ -1,0 +1,223 @@
+"""The pre-training step as one compiled, sync-free graph, checked on the CPU.
+
+* ``torch.compile(fullgraph=True)`` of forward + loss (+ backward) traces with 0 graph breaks for the
+  Triton kernels (interpreter) and the plain-PyTorch paths, with faithful variable-count masks and
+  exact ones, and gives the eager loss, accuracy and gradients. Most cases use the ``aot_eager``
+  backend (dynamo + AOT autograd: the whole capture, seconds per case); one runs Inductor's C++
+  code generation end to end.
+* A whole ``Trainer.step`` (tokenizer, masks, model, loss, backward, clipping, AdamW) runs no op
+  that reads a value back to the host (``.item()``, ``nonzero``, boolean indexing, ...).
+* On CUDA (skipped here): steps under ``torch.cuda.set_sync_debug_mode("error")``, and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY, tiny_pair, variable_masks
+from test_pretrain import tiny_args, tiny_setup  # noqa: F401  (the module-scoped fixture)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastbeit import pretrain
+from fastbeit.compiled import CompiledStep
+from fastbeit.errors import UserError
+from fastbeit.model import create_model
+
+MAX_MASKED = 25
+
+
+def _inputs(exact: bool):
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 32, 32)
+    masks = variable_masks(3, 8, MAX_MASKED)
+    if exact:  # top up every image to exactly MAX_MASKED (the static-count variant)
+        for row in masks:
+            free = (~row).nonzero().squeeze(1)
+            row[free[: MAX_MASKED - int(row.sum())]] = True
+        assert (masks.sum(1) == MAX_MASKED).all()
+    else:
+        assert len(set(masks.sum(1).tolist())) > 1, "want the faithful variable counts"
+    ids = torch.randint(0, TINY["vocab_size"], (3, 64))
+    return images, masks, ids
+
+
+def _loss_and_grads(fn, model, *inputs):
+    model.zero_grad(set_to_none=True)
+    loss, acc = fn(*inputs)
+    loss.backward()
+    return loss.detach(), acc.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _step_fn(model):
+    def step(images, masks, ids):
+        out = model.forward_loss(images, masks, ids, MAX_MASKED)
+        return out.loss, out.mlm_acc
+
+    return step
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["blockwise-variable", "exact"])
+@pytest.mark.parametrize("attn,kernels", [("triton", "triton"), ("sdpa", "reference"), ("eager", "reference")])
+def test_fullgraph_compile_has_no_graph_break_and_equals_eager(attn, kernels, exact):
+    model, ref = tiny_pair(attn_backend=attn, kernels=kernels)
+    inputs = _inputs(exact)
+    step = _step_fn(model)
+    explained = torch._dynamo.explain(step)(*inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c, acc_c, grads_c = _loss_and_grads(compiled, model, *inputs)
+    loss_e, acc_e, grads_e = _loss_and_grads(step, model, *inputs)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    assert acc_c == acc_e
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # ... and both are the original computation (boolean gather, full logits) on the same weights
+    ref.zero_grad(set_to_none=True)
+    out = ref.forward_loss(*inputs)
+    out.loss.backward()
+    torch.testing.assert_close(loss_c, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc_c, out.mlm_acc)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads_c[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pixel_regression_compiles_too():
+    model = create_model("beit_tiny", **{**TINY, "vocab_size": 48}, kernels="reference", attn_backend="sdpa")
+    images, masks, _ = _inputs(exact=False)
+
+    def step(images, masks):
+        out = model.forward_pixel_loss(images, masks, MAX_MASKED)
+        return out.loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(images, masks), step(images, masks), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_inductor_builds_the_step_and_matches_eager():
+    """Inductor's generated C++ (its fusions of the norm / elementwise work) around the plain ops."""
+    model, _ = tiny_pair(attn_backend="sdpa", kernels="reference", depth=1)
+    inputs = _inputs(exact=False)
+    step = _step_fn(model)
+    compiled = CompiledStep(torch.nn.Module(), say=lambda msg: None)  # the wrapper the CLI uses
+    compiled.module, compiled.compiled = step, torch.compile(step, fullgraph=True)
+    loss_c, acc_c, grads_c = _loss_and_grads(compiled, model, *inputs)
+    assert compiled.state == "compiled"
+    loss_e, acc_e, grads_e = _loss_and_grads(step, model, *inputs)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert acc_c == acc_e
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_machine_that_cannot_compile_falls_back_with_one_line(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken_compile(module, **kwargs):
+        def run(*args):
+            raise BackendCompilerFailed(lambda *a: None, RuntimeError("no working C++ compiler found"))
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    notes = []
+    step = CompiledStep(torch.nn.Linear(2, 1), say=notes.append)
+    out = step(torch.ones(1, 2))
+    assert out.shape == (1, 1) and step.state == "eager"
+    assert len(notes) == 1 and "eagerly" in notes[0] and "--no-compile" in notes[0]
+    step(torch.ones(1, 2))
+    assert len(notes) == 1
+
+
+def test_model_errors_are_not_mistaken_for_compiler_failures(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    step = CompiledStep(lambda x: x.view(3), say=lambda msg: None)
+    with pytest.raises(RuntimeError, match="shape"):
+        step(torch.ones(2))
+
+
+def test_unsupported_backend_is_refused_before_any_compile():
+    model = create_model("beit_tiny", **{**TINY, "embed_dim": 3 * 160, "num_heads": 3}, attn_backend="triton")
+    with pytest.raises(UserError, match="head dim 160"):
+        model.check_fast_paths(torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------------------------------------ no host syncs
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records every aten op that makes the host wait for the device's values."""
+
+    READS_BACK = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select", "is_nonzero",
+                  "equal", "unique", "_unique2", "unique_consecutive", "allclose", "argwhere"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list = []
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
+        )
+        if name in self.READS_BACK or bool_index:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("extra", [
+    ("--kernels", "triton", "--attn", "triton"),
+    ("--kernels", "reference", "--attn", "sdpa", "--mask_sampler", "gpu"),
+    ("--kernels", "triton", "--attn", "triton", "--target", "pixels"),
+], ids=["triton-cpu-masks", "reference-gpu-sampler", "pixels"])
+def test_a_training_step_never_reads_back_from_the_device(tiny_setup, tmp_path, extra):  # noqa: F811
+    args = pretrain.resolve_args(tiny_args(tiny_setup, tmp_path, "--clip_grad", "3.0", *extra))
+    trainer = pretrain.Trainer(args)
+    batches = iter(trainer.data.loader)
+    trainer.step(next(batches))  # one-time set-up (optimizer state) outside the recording
+    batch = next(batches)  # CPU data work (augmentation draws its parameters with .item()) stays outside
+    recorder = SyncRecorder()
+    with recorder:
+        stats = trainer.step(batch)
+    assert recorder.ops > 100  # the step really ran under the recorder
+    assert recorder.syncs == []
+    assert torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])
+
+
+def test_the_recorder_catches_the_original_boolean_gather():
+    recorder = SyncRecorder()
+    x, mask = torch.randn(2, 5, 3), torch.rand(2, 5) > 0.5
+    with recorder:
+        x[mask].sum().item()
+    assert any("index" in s for s in recorder.syncs) and any("_local_scalar_dense" in s for s in recorder.syncs)
+
+
+# ------------------------------------------------------------------------------ CUDA only
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_steps_on_cuda_make_no_host_sync(tiny_setup, tmp_path, mode):  # noqa: F811
+    """Faithful blockwise masks drawn on the GPU, compiled step (CUDA graphs with reduce-overhead)."""
+    args = pretrain.resolve_args(tiny_args(tiny_setup, tmp_path, "--device", "cuda", "--amp", "bf16",
+                                           "--mask_sampler", "gpu", "--compile", "--compile_mode", mode))
+    trainer = pretrain.Trainer(args)
+    batches = [tuple(t.cuda() for t in b) for b, _ in zip(trainer.data.loader, range(4))]
+    for batch in batches[:2]:  # compile and warm up (CUDA graphs record on a later call)
+        trainer.step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[2:]:
+            stats = trainer.step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.train_model.state == "compiled"
+    assert torch.isfinite(stats["loss"]).item()
