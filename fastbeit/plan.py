@@ -26,11 +26,10 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -235,9 +234,9 @@ class StepRecorder(TorchDispatchMode):
             if not name:
                 continue
 
-            def pre(_m, _a, name=name, attn=name.endswith(".attn")):
+            def pre(_m, _a, name=name):
                 self.stack.append(name)
-                if attn:
+                if name.endswith(".attn"):
                     self.pre_qkv = True
 
             def post(_m, _a, _o):
@@ -372,7 +371,6 @@ def count_step(settings: PlanSettings) -> CountedStep:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastbeit.model import BeitForMaskedImageModeling
-    from fastbeit.optim import decay_groups  # noqa: F401 (the step's groups: every trainable param)
     from fastbeit.tokenizer.dvae import DOWNSAMPLE, DiscreteVAE
 
     t0 = time.perf_counter()
