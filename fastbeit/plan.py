@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import sys
 import time
@@ -359,11 +358,35 @@ class CountedStep:
     seconds: float
 
 
-def _fake_copy(module: nn.Module, mode) -> nn.Module:
-    from torch._subclasses.fake_tensor import FakeCopyMode
+class _MetaBuild(TorchDispatchMode):
+    """Lets a model be built on the meta device: the truncated-normal init's rejection loop sees
+    no rejected entries, and ``linspace`` (the drop-path rates, read with ``tolist``) runs on CPU."""
 
-    with FakeCopyMode(mode):
-        return copy.deepcopy(module)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.nonzero.default and args[0].is_meta:
+            return torch.empty(0, args[0].dim(), dtype=torch.long, device="meta")
+        on_meta = torch.device(kwargs.get("device") or "cpu").type == "meta"
+        if func._overloadpacket is torch.ops.aten.linspace and on_meta:
+            return func(*args, **{**kwargs, "device": torch.device("cpu")})
+        return func(*args, **kwargs)
+
+
+def _fake_module(build, mode) -> nn.Module:
+    """``build()`` on the meta device (no memory, no init cost), then every parameter and buffer
+    replaced by a fake CPU tensor of the same shape, stride and dtype."""
+    with torch.device("meta"), _MetaBuild():
+        module = build()
+    with mode:
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
+                    mod._parameters[name] = nn.Parameter(fake, requires_grad=p.requires_grad)
+            for name, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype)
+    return module
 
 
 def count_step(settings: PlanSettings) -> CountedStep:
@@ -379,15 +402,11 @@ def count_step(settings: PlanSettings) -> CountedStep:
                       attn_backend=s.attn, kernels="reference")
     grid = cfg.grid[0]
     tok_cfg = bs.tokenizer_config(grid, s.vocab, s.tokenizer)
-    with torch.random.fork_rng():
-        torch.manual_seed(s.seed)
-        real_model = BeitForMaskedImageModeling(cfg).train()
-        real_tok = DiscreteVAE(tok_cfg).eval().requires_grad_(False)
     masks = bs.make_masks(s.batch, grid, seed=s.seed)
     masked_total = int(masks.sum())
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model, tokenizer = _fake_copy(real_model, mode), _fake_copy(real_tok, mode)
-    del real_model, real_tok
+    model = _fake_module(lambda: BeitForMaskedImageModeling(cfg), mode).train()
+    tokenizer = _fake_module(lambda: DiscreteVAE(tok_cfg), mode).eval().requires_grad_(False)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     recorder = StepRecorder({masks.numel(): masked_total})
     handles = recorder.watch(model, final_norm=model.norm) + recorder.watch(tokenizer)
