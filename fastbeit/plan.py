@@ -190,7 +190,7 @@ def part_of(scope: Scope, kind: str) -> Tuple[str, str]:
     if "rel_pos_bias" in names:
         return "attention", ""
     if "blocks" in names:
-        if names[-1] == "attn" and not scope.pre_qkv:
+        if kind == "attention" or (names[-1] == "attn" and not scope.pre_qkv):
             return ("matmuls" if matmul else "attention"), ""
         return ("matmuls" if matmul or kind == "bmm" else "norm & elementwise"), ""
     if names[:1] == ["norm"]:
