@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastbeit import plan as P
+from fastbeit.plan_count import StepRecorder
 from fastbeit.report import main as report_main
 
 TINY = ["--model", "beit_tiny", "--depth", "2", "--batch", "4", "--img-size", "32", "--patch-size", "4",
@@ -96,7 +97,7 @@ def test_unknown_custom_ops_take_their_part_from_the_module_scope():
     root = nn.Module()
     root.blocks = nn.ModuleList([nn.Module()])
     root.blocks[0].attn = _Attn()
-    recorder = P.StepRecorder({})
+    recorder = StepRecorder({})
     handles = recorder.watch(root)
     with pytest.warns(UserWarning, match="no FLOP formula"), FakeTensorMode(), recorder:
         root.blocks[0].attn(torch.empty(2, 5, 8))
