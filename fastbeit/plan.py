@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tokenizer", choices=("dalle", "tiny"), default="dalle")
     p.add_argument("--amp", choices=sorted(bs.AMP_DTYPES), default="bf16")
-    p.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="attention of the counted (eager) step")
+    p.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
+                   help="attention of the counted step (sdpa counts PyTorch's CPU math fallback)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eff", default=None,
                    help="replace assumed efficiencies, e.g. gemm=0.7,memory=0.9 (names: gemm, conv, attention, memory)")

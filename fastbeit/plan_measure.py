@@ -124,9 +124,8 @@ def _attribute_parts(events, cuda: bool) -> Dict[str, float]:
                     state["pre_qkv"] = False
             if ev.sequence_nr >= 0:
                 seq_scope[ev.sequence_nr] = scope
-        use = scope or Scope("model", "", True, False)
-        if not name.startswith((_RANGE, bs.RANGE_PREFIX)):
-            out[part_of(use, kind)[0]] += bs._self_time(ev, cuda)
+        use = scope or Scope("model", "", True, False)  # backward events of no forward op: the loss's start
+        out[part_of(use, kind)[0]] += bs._self_time(ev, cuda)  # ranges too: kernels launched right inside them
         for child in ev.cpu_children:
             visit(child, scope, phase)
         if name == f"{_RANGE}model|norm":
