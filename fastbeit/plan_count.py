@@ -31,7 +31,6 @@ from fastbeit.flops import step_flops
 PARTS = ("tokenizer", "patch embed", "attention", "matmuls", "norm & elementwise", "loss", "optimizer")
 
 
-
 class Scope(NamedTuple):
     """Where a forward op ran: region (tokenizer / model), innermost module name, and two flags."""
 
@@ -46,7 +45,7 @@ class OpRecord:
     """One dispatched op: what it was, where it belongs, its FLOPs and the tensors it touched."""
 
     name: str
-    kind: str  # matmul | conv | bmm | attention | norm | view | other
+    kind: str  # see _op_kind
     phase: str  # forward | backward
     part: str
     sub: str  # "masked embed" for the embedding's element-wise ops, else ""
@@ -83,8 +82,15 @@ def _tensors(tree: Any) -> List[torch.Tensor]:
     return [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
+def _namespace(func) -> str:
+    return str(func).split(".")[0].split("::")[0]
+
+
 def _op_kind(func) -> str:
-    name = func._overloadpacket.__name__ if hasattr(func, "_overloadpacket") else str(func)
+    """matmul | conv | bmm | attention | norm | view | custom (another library's op: a kernel of its
+    own, never fused by the compile estimate) | other (element-wise and reductions)."""
+    packet = getattr(func, "_overloadpacket", None)
+    name = packet.__name__ if packet is not None else str(func)
     schema = getattr(func, "_schema", None)
     if schema is not None and schema.returns and all(
             r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
@@ -97,9 +103,9 @@ def _op_kind(func) -> str:
         return "bmm"
     if name in _NORM_OPS:
         return "norm"
-    if func._overloadpacket in flop_registry:
+    if packet in flop_registry:
         return "matmul"
-    return "other"
+    return "other" if _namespace(func) in ("aten", "prim", "prims") else "custom"
 
 
 def _op_flops(func, args, kwargs, out, warned: set) -> float:
@@ -113,8 +119,7 @@ def _op_flops(func, args, kwargs, out, warned: set) -> float:
         if "backward" in name:  # (grad_out, q, k, v, ...)
             return float(sdpa_backward_flop_count(*shapes[:4]))
         return float(sdpa_flop_count(*shapes[:3]))
-    namespace = str(func).split(".")[0].split("::")[0]
-    if namespace not in ("aten", "prim", "prims") and str(packet) not in warned:
+    if _namespace(func) not in ("aten", "prim", "prims") and str(packet) not in warned:
         warned.add(str(packet))
         warnings.warn(f"plan: {packet} has no FLOP formula (torch.utils.flop_counter.register_flop_formula); "
                       "counted with 0 FLOPs, its bytes and part from its tensors and module scope", stacklevel=2)

@@ -78,6 +78,8 @@ def test_chains_read_their_inputs_once_and_write_what_is_read_later():
     ]
     kernels = P.fuse_chains(records, live=set())
     assert [k.bytes for k in kernels] == [200, 10, 200]  # reads 1 once, writes 4 only; 10 is never read
+    records.insert(1, rec("fastbeit::op", "custom", [(2, 100)], [(7, 100)]))  # another library's kernel
+    assert [k.bytes for k in P.fuse_chains(records, live={7})] == [200, 200, 300, 10, 200]
 
 
 class _Attn(nn.Module):
