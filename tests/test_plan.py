@@ -60,6 +60,7 @@ def test_the_fused_step_estimate_is_a_throughput(base):
     for dev in (h100, h200):
         assert isinstance(dev["fused_img_per_s"], float) and math.isfinite(dev["fused_img_per_s"])
         assert dev["fused_img_per_s"] > dev["eager_img_per_s"] > 0
+        assert dev["fused_img_per_s"] >= dev["fused_strict_img_per_s"] > dev["eager_img_per_s"]
     assert h200["fused_img_per_s"] >= h100["fused_img_per_s"]  # same FLOP/s, more bandwidth
     note = P.standing_in_the_way(plan)
     assert note is None or "largest parts" in note
