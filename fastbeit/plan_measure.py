@@ -45,7 +45,8 @@ def measure_parts(settings: PlanSettings, device: str, steps: int = 3) -> Tuple[
         totals = _attribute_parts(prof.events(), cuda)
     finally:
         contender.close()
-    return {p: v / 1e3 / steps for p, v in totals.items()}, "CUDA kernels" if cuda else "CPU time"
+    label = "fastbeit step without compile, " + ("CUDA kernel time" if cuda else "CPU time")
+    return {p: v / 1e3 / steps for p, v in totals.items()}, label
 
 
 _RANGE = "plan::"
