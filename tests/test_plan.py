@@ -135,3 +135,11 @@ def test_bad_sizes_are_user_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         report_main(["--plan", "--batch", "0"])
     assert exc.value.code == 2 and "error: --batch must be positive" in capsys.readouterr().err
+
+
+def test_efficiencies_can_be_replaced_and_bad_ones_are_user_errors(capsys):
+    eff = P.parse_efficiency("gemm=0.8, memory=0.9")
+    assert (eff.gemm, eff.memory, eff.conv) == (0.8, 0.9, P.Efficiency().conv)
+    with pytest.raises(SystemExit) as exc:
+        report_main(["--plan", "--eff", "gemm=2"])
+    assert exc.value.code == 2 and "error: --eff" in capsys.readouterr().err
