@@ -4,6 +4,7 @@
     python -m fastbeit.report --batch 256 --output runs/report-b256
     python -m fastbeit.report --ablate                 # the step's optimizations one at a time
     python -m fastbeit.report --from-json bench.json   # a `pytest benchmarks/ --benchmark-json` file
+    python -m fastbeit.report --plan                   # roofline estimate per part, H100/H200 (CPU is enough)
 
 Writes ``report.md``, ``results.json`` (rewritten after every measured contender, so a run cut
 short still leaves its figures) and PNG bar charts to ``--output``. Every ratio in a report is
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate", action="store_true", help="measure the step's optimizations one at a time")
     p.add_argument("--ablations", default=None, help=f"comma list of ablation rows from {', '.join(ABLATIONS)}")
     p.add_argument("--from-json", default=None, help="report on a pytest-benchmark JSON file instead of measuring")
+    p.add_argument("--plan", action="store_true",
+                   help="roofline plan of the step instead (see python -m fastbeit.report --plan --help)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/report", help="folder for report.md, results.json and the charts")
@@ -553,6 +556,10 @@ def _measure_until_stopped(args: argparse.Namespace, out: Path) -> Dict[str, Any
 @cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--plan" in argv:
+        from fastbeit.plan import main as plan_main
+
+        return plan_main([a for a in argv if a != "--plan"])
     args = resolve_args(argv)
     out = Path(args.output)
     if args.from_json:
