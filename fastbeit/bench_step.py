@@ -411,7 +411,8 @@ def measure(contender: Contender, warmup: int = 3, iters: int = 10) -> Dict[str,
     """Throughput of ``iters`` steps after ``warmup`` (CUDA events on GPU, perf_counter on CPU).
 
     ``compile_s`` is the warm-up's wall time beyond ``warmup`` steady steps: compilation and
-    autotuning, counted once per contender (``None`` without warm-up). Peak memory counts from the first warm-up step (optimizer state included); ``None`` on CPU.
+    autotuning, counted once per contender (``None`` without warm-up). Peak memory counts from
+    the first warm-up step (optimizer state included); ``None`` on CPU.
     """
     if iters <= 0 or warmup < 0:
         raise UserError(f"iters must be positive and warmup non-negative (got {iters}, {warmup})")
