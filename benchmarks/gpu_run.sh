@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one script a session with a lent GPU runs (DESIGN.md §8). Stages, most valuable first:
 #
-#   env        versions, the GPU, and which optional Python packages import (missing ones are logged)
-#   install    pip install --no-deps --no-build-isolation -e . (else a copied package on PYTHONPATH)
+#   install    carried wheels (.whl/) into /tmp/site, then pip install --no-deps --no-build-isolation
+#              -e . into the machine's own Python (its torch untouched); else a copied package on PYTHONPATH
+#   env        versions, the GPU, and which Python packages import as the later stages will see them
+#              (missing ones are logged; a stage that needs one is skipped with the reason)
 #   check      benchmarks/gpu_check.py: compiled kernels vs float64 oracles, the whole step vs the
 #              reference model under the same precision
 #   report     the whole-step report: fastbeit, timm-compile, fastbeit-compile, timm, reference
@@ -42,7 +44,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 RESULTS=${RESULTS:-/tmp/fastbeit-gpu}
 mkdir -p "$RESULTS"
-STAGES=${STAGES:-"env install check report bench json ablate reproduce"}
+STAGES=${STAGES:-"install env check report bench json ablate reproduce"}
 TOTAL_S=${TOTAL_S:-570}
 MARGIN_S=${MARGIN_S:-20}      # after the last stage: its kill grace, the last pack and note
 KILL_AFTER_S=${KILL_AFTER_S:-10}
@@ -55,8 +57,8 @@ STATUS="$OUT/status.txt"
 # Python modules it needs. The order is the run order.
 REPRO_MIN_S=${REPRO_MIN_S:-30}
 PLAN=(
-    "env       15   -"
     "install   40   -"
+    "env       15   -"
     "check     150  triton"
     "report    180  triton safetensors matplotlib"
     "bench     80   triton pytest pytest_benchmark safetensors"
@@ -87,6 +89,7 @@ if (( fixed_total + REPRO_MIN_S + MARGIN_S > TOTAL_S )); then
 fi
 
 : > "$STATUS"
+rm -f "$RESULTS/modules.txt"
 now_ms() { date +%s%3N; }
 START_MS=$(now_ms)
 elapsed() { echo $(( ($(now_ms) - START_MS) / UNIT_MS )); }       # budget seconds since the start
@@ -183,11 +186,11 @@ print("python", platform.python_version(), sys.executable, "| torch", torch.__ve
       "| cpus", os.cpu_count())
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 missing = []
-for name in ("triton", "timm", "safetensors", "scipy", "matplotlib", "pytest", "pytest_benchmark", "numpy", "PIL",
-             "torchvision", "tqdm", "setuptools", "nvidia.dali"):
+for name in ("fastbeit.kernels", "triton", "timm", "safetensors", "scipy", "matplotlib", "pytest", "pytest_benchmark",
+             "numpy", "PIL", "torchvision", "tqdm", "setuptools", "nvidia.dali"):
     try:
         module = importlib.import_module(name)
-        print(name, getattr(module, "__version__", "?"))
+        print(name, getattr(module, "__version__", None) or getattr(module, "__file__", "?"))
     except Exception as exc:
         print(name, "MISSING:", exc)
         missing.append(name)
@@ -211,13 +214,6 @@ install() {
 
 export -f environment install
 export PY RESULTS
-stage env bash -c environment
-if [[ -n ${GPU_RUN_FAKE+x} ]]; then
-    MISSING=${GPU_RUN_FAKE_MISSING:-}
-elif [[ -s "$RESULTS/modules.txt" ]]; then
-    MISSING=$(cat "$RESULTS/modules.txt")
-fi
-[[ -n ${MISSING// /} ]] && echo "missing Python packages: $MISSING" | tee -a "$STATUS"
 stage install bash -c install
 if [[ -d /tmp/site ]]; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -233,6 +229,14 @@ if [[ -z ${GPU_RUN_FAKE+x} ]] && ! "$PY" -c "import fastbeit.kernels" 2>/dev/nul
     "$PY" -c "import fastbeit.kernels" || echo "install fallback FAILED: fastbeit.kernels still does not import" |
         tee -a "$STATUS"
 fi
+
+stage env bash -c environment
+if [[ -n ${GPU_RUN_FAKE+x} ]]; then
+    MISSING=${GPU_RUN_FAKE_MISSING:-}
+elif [[ -s "$RESULTS/modules.txt" ]]; then
+    MISSING=$(cat "$RESULTS/modules.txt")
+fi
+[[ -n ${MISSING// /} ]] && echo "missing Python packages: $MISSING" | tee -a "$STATUS"
 
 stage check "$PY" benchmarks/gpu_check.py --json "$RESULTS/check.json"
 if grep -q "^check rc=[1-9]" "$STATUS"; then

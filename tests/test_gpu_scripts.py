@@ -104,7 +104,7 @@ def test_gpu_check_interrupted_still_reports_the_finished_rows(tmp_path, monkeyp
 
 # ------------------------------------------------------------------ gpu_run.sh: order, budget, packing
 
-STAGE_ORDER = ["env", "install", "check", "report", "bench", "json", "ablate", "reproduce"]
+STAGE_ORDER = ["install", "env", "check", "report", "bench", "json", "ablate", "reproduce"]
 
 
 def _run_script(tmp_path, timeout=120, **env):
