@@ -236,7 +236,10 @@ def measure_all(args: argparse.Namespace, out: Path, results: Dict[str, Any]) ->
             add_mfu(row, flops.training, results["matmul"]["tflops"])
         results["rows"][name] = row
         write_json(out / "results.json", results)
-        print(f"{name}: " + (row.get("skipped") or f"{row['img_per_s']:.1f} img/s, {row['step_ms']:.1f} ms/step"),
+        peak = row.get("mfu_peak")
+        peak = "no datasheet peak here" if peak is None else f"{_pct(peak)} of the datasheet peak"
+        print(f"{name}: " + (row.get("skipped") or f"{row['img_per_s']:.1f} img/s, {row['step_ms']:.1f} ms/step, "
+                             f"MFU {_pct(row.get('mfu'))} of the measured matmul rate, {peak}"),
               file=sys.stderr, flush=True)
 
     if args.ablate:
