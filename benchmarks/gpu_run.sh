@@ -99,15 +99,19 @@ export TRITON_INTERPRET=0
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
 
-# The results note and JSON from whatever is in $RESULTS, then everything packed (checkpoints
-# excluded); each written to a temporary name first, so an interrupted pack leaves the last one whole.
+# The results note and JSON from whatever is in $RESULTS, then everything packed (checkpoints and
+# any file over 4 MiB left out and listed in skipped_files.txt: the tool returns files up to 16 MiB);
+# each written to a temporary name first, so an interrupted pack leaves the last one whole.
 pack() {
     cp "$STATUS" "$RESULTS/status.txt"
     timeout 20 "$PY" benchmarks/gpu_summary.py "$RESULTS" --out "$OUT" > "$RESULTS/summary.log" 2>&1 ||
         echo "summary failed" >> "$RESULTS/summary.log"
     cp "$OUT/summary.md" "$OUT/summary.json" "$RESULTS/" 2>/dev/null
-    tar czf "$OUT/results.tgz.part" -C "$RESULTS" --exclude='*.pt' --exclude='*.safetensors' . 2>/dev/null &&
+    (cd "$RESULTS" && find . -type f \( -name '*.pt' -o -name '*.safetensors' -o -size +4M \)) > "$OUT/exclude.txt"
+    cp "$OUT/exclude.txt" "$RESULTS/skipped_files.txt"
+    tar czf "$OUT/results.tgz.part" -C "$RESULTS" --exclude-from="$OUT/exclude.txt" . 2>/dev/null &&
         mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+    rm -f "$OUT/exclude.txt"
 }
 
 MISSING=""

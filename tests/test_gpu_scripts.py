@@ -131,6 +131,10 @@ def test_gpu_run_dry_run_keeps_the_budget_and_goes_past_failures(tmp_path):
     about 12 s: each stage is cut at its limit, the reproduction gets what is left, the whole run stays
     within TOTAL_S, and the note and archive hold every stage's log."""
     fake = " ".join(f"{s}=999" for s in STAGE_ORDER if s != "report") + " report=5:1"
+    left_out = tmp_path / "results" / "reproduce"
+    left_out.mkdir(parents=True)
+    (left_out / "checkpoint.pt").write_bytes(b"x")
+    (left_out / "big.bin").write_bytes(b"\0" * (5 << 20))  # over the 4 MiB a packed file may have
     start = time.monotonic()
     run = _run_script(tmp_path, GPU_RUN_FAKE=fake, GPU_RUN_FAKE_MISSING="pytest_benchmark", TIME_UNIT_MS="20")
     wall = time.monotonic() - start
@@ -148,6 +152,8 @@ def test_gpu_run_dry_run_keeps_the_budget_and_goes_past_failures(tmp_path):
     with tarfile.open(tmp_path / "out" / "results.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {f"{s}.log" for s in STAGE_ORDER if s != "bench"} <= names and "summary.md" in names
+    assert not {"checkpoint.pt", "big.bin"} & names
+    assert "big.bin" in (tmp_path / "results" / "skipped_files.txt").read_text()
     assert "reproduce rc=124" in (tmp_path / "out" / "summary.md").read_text()
 
 
