@@ -152,14 +152,18 @@ def markdown(s: Dict[str, Any]) -> str:
     if s["bench"]:
         lines += ["## Kernel and attention benchmarks (mean ms)", ""]
         for group, impls in s["bench"].items():
-            base = impls.get("eager")
-            lines.append(f"- {group}: " + ", ".join(
-                f"{k} {v:.3f}" + (f" (×{base / v:.2f} vs eager)" if base and k != "eager" else "")
-                for k, v in impls.items()))
+            lines.append(f"- {group}: " + ", ".join(f"{k} {v:.3f}{_speedups(impls, k)}" for k, v in impls.items()))
         lines.append("")
     if s["reproduce"]:
         lines += ["## Reproduction (top-1 %)", ""] + [f"- {k}: {v}" for k, v in s["reproduce"].items()] + [""]
     return "\n".join(lines) + "\n"
+
+
+def _speedups(impls: Dict[str, float], name: str) -> str:
+    """`` (×2.00 vs eager, ×1.50 vs sdpa)``: over the model's eager and SDPA paths of the same group."""
+    v = impls[name]
+    r = [f"×{impls[b] / v:.2f} vs {b}" for b in ("eager", "sdpa") if b in impls and b != name and v]
+    return f" ({', '.join(r)})" if r else ""
 
 
 def step_lines(title: str, part: Dict[str, Any]) -> List[str]:

@@ -199,12 +199,14 @@ def test_summary_writes_the_note_from_partial_results(tmp_path):
     (res / "report" / "results.json").write_text(json.dumps(step))
     (res / "ablate" / "results.json").write_text('{"rows": {"base": ')  # torn: the stage was killed writing it
     bench = {"benchmarks": [{"group": "attention fwd+bwd", "name": f"t[{impl}]", "extra_info": {"impl": impl},
-                             "stats": {"mean": mean}} for impl, mean in (("eager", 0.004), ("triton", 0.002))]}
+                             "stats": {"mean": mean}} for impl, mean in (("eager", 0.004), ("sdpa", 0.003),
+                                                                          ("triton", 0.002))]}
     (res / "bench.json").write_text(json.dumps(bench))
     assert gpu_summary.main([str(res), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "summary.md").read_text()
     for needle in ("NVIDIA H200", "580.159.04", "1/2 rows ok", "grad x", "×1.50", "48.6 %", "60.0 %",
-                   "skipped: RuntimeError: boom", "signal 15", "triton 2.000 (×2.00 vs eager)", "report rc=124"):
+                   "skipped: RuntimeError: boom", "signal 15", "triton 2.000 (×2.00 vs eager, ×1.50 vs sdpa)",
+                   "report rc=124"):
         assert needle in text, needle
     data = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert data["step"]["rows"]["fastbeit"]["vs timm-compile"] == 1.5 and data["ablation"] == {}
