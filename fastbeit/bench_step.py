@@ -7,8 +7,9 @@ grad-norm clip → AdamW step. Contenders:
 - ``fastbeit``: our model (attention ``auto``, kernels ``auto``), fused AdamW on CUDA;
 - ``reference``: the original eager computation (:mod:`fastbeit.reference`), plain AdamW;
 - ``timm``: timm's ``Beit`` encoder (SDPA attention) with the MIM head bolted on
-  (:class:`TimmBeitMIM`), fused AdamW on CUDA; ``timm-compile`` is the same under
-  ``torch.compile`` (any name takes a ``-compile`` suffix).
+  (:class:`TimmBeitMIM`), fused AdamW on CUDA;
+- ``fastbeit-compile``, ``timm-compile``: the same under ``torch.compile`` (any name takes a
+  ``-compile`` suffix); the forward is :func:`loss_step`, the one pre-training compiles.
 
 :class:`StepOptions` switches the step's optimizations one by one for the ablation table of
 ``python -m fastbeit.report --ablate``. :func:`profile_breakdown` splits one step's time into
@@ -37,10 +38,11 @@ from fastbeit.layers import trunc_normal_
 from fastbeit.masking import MaskingGenerator
 from fastbeit.model import BeitForMaskedImageModeling, MIMOutput
 from fastbeit.optim import build_adamw, decay_groups
+from fastbeit.pretrain import LossModule
 from fastbeit.reference import ReferenceBeitForMaskedImageModeling
 from fastbeit.tokenizer.dvae import DOWNSAMPLE, DiscreteVAE, DVAEConfig
 
-CONTENDERS = ("fastbeit", "reference", "timm", "timm-compile")
+CONTENDERS = ("fastbeit", "fastbeit-compile", "reference", "timm", "timm-compile")
 AMP_DTYPES = {"bf16": torch.bfloat16, "none": None}  # no fp16: it would need a GradScaler in the step
 # The original recipe masks 75 of 196 patches in blocks of at least 16; other grids keep the ratio.
 MASK_RATIO = 75 / 196
@@ -163,16 +165,12 @@ class TimmBeitMIM(nn.Module):
         return MIMOutput(loss, acc)
 
 
-class _LossModule(nn.Module):
-    """``forward`` = ``forward_loss`` so ``torch.compile`` captures the whole forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, mask, token_ids, num_masked: Optional[int] = None):
-        out = self.model.forward_loss(images, mask, token_ids, num_masked)
-        return out.loss, out.mlm_acc
+def loss_step(model: nn.Module, compile: bool = False, mode: str = "default") -> nn.Module:
+    """The forward a pre-training step runs: ``pretrain``'s :class:`LossModule` (images, masks,
+    token ids → loss, accuracy), under ``torch.compile`` when asked. Every contender goes through
+    here, so the benchmark's compiled step is the one ``fastbeit-pretrain --compile`` runs."""
+    module = LossModule(model)
+    return torch.compile(module, mode=mode) if compile else module
 
 
 class _Ranges:
@@ -220,9 +218,7 @@ class Contender:
         self.device = self.images.device
         target = mask_settings(int(self.masks.shape[1] ** 0.5))[0]
         self.num_masked = target if self.options.exact_masks else None
-        loss_module = _LossModule(self.model)
-        compiled = self.options.compile
-        self.forward = torch.compile(loss_module, mode=self.options.compile_mode) if compiled else loss_module
+        self.forward = loss_step(self.model, self.options.compile, self.options.compile_mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property
@@ -414,14 +410,18 @@ def run_steps(contender: Contender, steps: int) -> torch.Tensor:
 def measure(contender: Contender, warmup: int = 3, iters: int = 10) -> Dict[str, Any]:
     """Throughput of ``iters`` steps after ``warmup`` (CUDA events on GPU, perf_counter on CPU).
 
-    Peak memory counts from the first warm-up step (optimizer state included); ``None`` on CPU.
+    ``compile_s`` is the warm-up's wall time beyond ``warmup`` steady steps: compilation and
+    autotuning, counted once per contender (``None`` without warm-up). Peak memory counts from
+    the first warm-up step (optimizer state included); ``None`` on CPU.
     """
     if iters <= 0 or warmup < 0:
         raise UserError(f"iters must be positive and warmup non-negative (got {iters}, {warmup})")
     dev = contender.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
     run_steps(contender, warmup)
+    warmup_s = time.perf_counter() - t0
     if dev.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -439,6 +439,9 @@ def measure(contender: Contender, warmup: int = 3, iters: int = 10) -> Dict[str,
         **contender.info,
         "img_per_s": contender.batch * iters / seconds,
         "step_ms": 1e3 * seconds / iters,
+        "warmup_s": warmup_s,
+        # the warm-up's excess over as many timed steps: torch.compile, Triton autotuning, first-call set-up
+        "compile_s": max(0.0, warmup_s - warmup * seconds / iters) if warmup else None,
         "peak_mem_bytes": peak,
         "warmup": warmup,
         "iters": iters,

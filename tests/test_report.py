@@ -137,6 +137,32 @@ def test_profile_breakdown_attributes_forward_and_backward():
     assert bd["profiled_ms"] == pytest.approx(sum(v["forward"] + v["backward"] for v in comps.values()))
 
 
+def test_datasheet_peak_only_for_parts_on_file():
+    assert report.datasheet_peak("NVIDIA H200", "bf16") == 989.4
+    assert report.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert report.datasheet_peak("NVIDIA H100 PCIe", "bf16") is None  # lower clocks: not the SXM figure
+    assert report.datasheet_peak("NVIDIA H200", "none") is None and report.datasheet_peak("cpu", "bf16") is None
+    row = {"img_per_s": 1000.0, "device": "NVIDIA H200", "amp": "bf16"}
+    report.add_mfu(row, 1e12, 800.0)
+    assert row["mfu"] == pytest.approx(1.25) and row["mfu_peak"] == pytest.approx(1000 / 989.4)
+
+
+def test_every_contender_steps_through_pretrains_loss_module_and_reports_its_warmup():
+    """The benchmark's forward is the pre-training loop's (so a change to the compiled step reaches
+    both), and each row says how long its warm-up (compile, autotune) took beyond steady steps."""
+    from fastbeit.pretrain import LossModule
+
+    assert "fastbeit-compile" in bs.CONTENDERS and "timm-compile" in bs.CONTENDERS
+    c = bs.build_contender("fastbeit", "beit_tiny", 2, 32, 4, "none", "cpu", vocab_size=64, depth=1)
+    try:
+        assert isinstance(c.forward, LossModule)
+        row = bs.measure(c, warmup=1, iters=1)
+    finally:
+        c.close()
+    assert row["warmup_s"] > 0 and row["compile_s"] >= 0
+    assert isinstance(bs.loss_step(torch.nn.Linear(2, 2), compile=False), LossModule)
+
+
 def test_sweep_records_a_failing_contender_as_skipped():
     def broken():
         raise UserError("--attn triton cannot run here")
@@ -201,6 +227,7 @@ def test_report_from_pytest_benchmark_json(tmp_path):
     text = (out / "report.md").read_text()
     assert "×3.00" in text and "20.00 GiB" in text and "test_attention[triton]" in text and "abc123" in text
     assert "60.1 %" in text  # 3000 img/s × 160.3 GFLOP / 800 TFLOP/s
+    assert "48.6 %" in text and "989.4 TFLOP/s" in text  # the same against the H200's datasheet peak
     assert "CPU sanity run" not in text
     assert (out / "img_per_s.png").is_file() and (out / "peak_memory.png").is_file()
 
