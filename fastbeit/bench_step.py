@@ -168,9 +168,14 @@ class TimmBeitMIM(nn.Module):
 def loss_step(model: nn.Module, compile: bool = False, mode: str = "default") -> nn.Module:
     """The forward a pre-training step runs: ``pretrain``'s :class:`LossModule` (images, masks,
     token ids → loss, accuracy), under ``torch.compile`` when asked. Every contender goes through
-    here, so the benchmark's compiled step is the one ``fastbeit-pretrain --compile`` runs."""
+    here, so the benchmark's compiled step is the one ``fastbeit-pretrain --compile`` runs: one
+    graph (``fullgraph=True``) for fastbeit; timm's boolean gather of the faithful masks breaks its
+    graph, as it would for any timm user."""
     module = LossModule(model)
-    return torch.compile(module, mode=mode) if compile else module
+    if not compile:
+        return module
+    return torch.compile(module, mode=None if mode == "default" else mode,
+                         fullgraph=isinstance(model, BeitForMaskedImageModeling))
 
 
 class _Ranges:
@@ -217,7 +222,10 @@ class Contender:
     def __post_init__(self) -> None:
         self.device = self.images.device
         target = mask_settings(int(self.masks.shape[1] ** 0.5))[0]
-        self.num_masked = target if self.options.exact_masks else None
+        # fastbeit gathers every mask into `target` padded rows (static shapes, faithful counts); the
+        # others gather a variable count unless the masks are topped up to exactly `target`
+        fastbeit = isinstance(self.model, BeitForMaskedImageModeling)
+        self.num_masked = target if self.options.exact_masks or fastbeit else None
         self.forward = loss_step(self.model, self.options.compile, self.options.compile_mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
