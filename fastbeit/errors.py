@@ -34,6 +34,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def user_message(exc: UserError) -> str:
+    """The message of a :class:`UserError`; one raised in a DataLoader worker arrives wrapped in
+    "Caught UserError in DataLoader worker process N" and the worker's traceback: keep its own line."""
+    text = str(exc)
+    if text.startswith("Caught UserError in DataLoader worker") and "UserError: " in text:
+        return text.rsplit("UserError: ", 1)[1].strip()
+    return text
+
+
 def cli_entry(func: F) -> F:
     """Wrap a CLI ``main``: a :class:`UserError` prints ``error: ...`` and exits with status 2;
     SIGTERM is handled as Ctrl-C (:func:`sigterm_as_interrupt`)."""
@@ -44,7 +53,7 @@ def cli_entry(func: F) -> F:
             with sigterm_as_interrupt():
                 return func(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {user_message(exc)}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -29,6 +29,7 @@ import torch
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.layers import relative_position_index
+from fastbeit.validate import check_output_file
 
 FORMATS = ("fastbeit", "unilm", "timm", "hf")
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.weight$")
@@ -373,6 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("output", help="where to write (.safetensors for a flat state dict, else a torch file)")
     parser.add_argument("--to", choices=FORMATS, required=True)
     args = parser.parse_args(argv)
+    check_output_file(args.output, "output", folder_ok=args.to == "hf")  # hf may be written as a folder
     loaded = load_any(args.input)
     result = convert(loaded, args.to)
     out = Path(args.output)
