@@ -163,3 +163,12 @@ def test_all_corrupt_folder_read_by_workers_is_one_error_line(tmp_path, capsys):
             "--n-hid", "4", "--vocab-size", "8", "--image-size", "16", "--epochs", "1", "--device", "cpu"]
     line = run_cli(tokenizer_train, argv, capsys)
     assert line.startswith("error: none of the 4 images") and "DataLoader worker" not in line
+
+
+def test_a_large_image_below_the_bomb_error_is_read_with_one_note(places, capsys, monkeypatch):
+    from fastbeit.data.folder import read_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # 32x32 = 1024: PIL warns, below its 2x error size
+    assert read_image(places["img"]).size == (32, 32)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "very large" in err
