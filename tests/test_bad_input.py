@@ -10,6 +10,7 @@ from PIL import Image
 
 from fastbeit import finetune, interchange, linprobe, pretrain, report, segment, visualize
 from fastbeit.errors import UserError
+from fastbeit.experiments import reproduce
 from fastbeit.tokenizer import __main__ as tokenizer_cli
 from fastbeit.tokenizer import train as tokenizer_train
 from fastbeit.validate import resolve_device
@@ -25,6 +26,7 @@ COMMON = {
     interchange: ["--to", "timm"],
     report: [],
     tokenizer_cli: ["{img}"],
+    reproduce: ["--data", "{dir}"],
 }
 
 CASES = [
@@ -94,6 +96,8 @@ CASES = [
     (report, "--device tpu", "--device"),
     (report, "--output {file}", "is a file"),
     (tokenizer_cli, "--output {dir}", "is a folder"),
+    (reproduce, "--num_workers -1", "--num_workers"),
+    (reproduce, "--output {file}", "is a file"),
 ]
 
 
