@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from fastbeit.checkpoint import load_failure
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.layers import relative_position_index
@@ -241,7 +242,7 @@ def read_file(path: str | Path) -> Any:
         with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({load_failure(exc)})") from None
 
 
 def _tensors(obj: Any) -> Optional[Dict[str, torch.Tensor]]:

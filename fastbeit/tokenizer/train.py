@@ -35,6 +35,7 @@ from torchvision.transforms import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from fastbeit.checkpoint import load_checkpoint
 from fastbeit.cli import whole_step
 from fastbeit.data.folder import ImageFolderDataset, ImageLoader
 from fastbeit.data.transforms import map_pixels, sample_crop_box, unmap_pixels
@@ -241,12 +242,8 @@ def read_resume(path: Optional[Path]) -> Optional[Dict]:
     """The --resume checkpoint, checked to be one of this script's (one clear line if not)."""
     if path is None:
         return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn, foreign or non-torch file: many exception types
-        raise UserError(f"--resume {path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") \
-            from None
-    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    ckpt = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"--resume {path} is not a tokenizer training checkpoint (no {', '.join(missing)})")
     try:
