@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable, Iterator, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -43,6 +45,24 @@ def user_message(exc: UserError) -> str:
     return text
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """fastbeit's own warnings print as ``warning: ...`` (one line, no source line) while the block
+    runs; DataLoader workers forked meanwhile inherit it. Others keep Python's format."""
+    default = warnings.formatwarning
+
+    def short(message, category, filename, lineno, line=None):
+        if f"{os.sep}fastbeit{os.sep}" in filename:
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = short
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def cli_entry(func: F) -> F:
     """Wrap a CLI ``main``: a :class:`UserError` prints ``error: ...`` and exits with status 2;
     SIGTERM is handled as Ctrl-C (:func:`sigterm_as_interrupt`)."""
@@ -50,7 +70,7 @@ def cli_entry(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            with sigterm_as_interrupt():
+            with sigterm_as_interrupt(), one_line_warnings():
                 return func(*args, **kwargs)
         except UserError as exc:
             print(f"error: {user_message(exc)}", file=sys.stderr)

@@ -177,3 +177,14 @@ def test_a_large_image_below_the_bomb_error_is_read_with_one_note(places, capsys
     assert read_image(places["img"]).size == (32, 32)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "very large" in err
+
+
+def test_fastbeit_warnings_print_as_one_line():
+    import warnings
+
+    from fastbeit.errors import one_line_warnings
+
+    ours = os.path.join(os.sep, "x", "fastbeit", "data", "folder.py")
+    with one_line_warnings():
+        assert warnings.formatwarning("skipping a.jpg", UserWarning, ours, 9) == "warning: skipping a.jpg\n"
+        assert "torch" in warnings.formatwarning("other", UserWarning, "/x/torch/y.py", 9)

@@ -68,7 +68,6 @@ def test_skipped_files_are_counted_once_per_run_and_reported_after_each_pass(tmp
     err = capfd.readouterr().err
     reports = [line for line in err.splitlines() if "skipped so far" in line]
     assert len(reports) == 2 and all("2 unreadable image(s)" in line for line in reports)
-    assert "new: " in reports[0] and "new: " not in reports[1]
 
 
 def test_a_skipped_evaluation_image_is_left_out_and_said(tmp_path, capfd):

@@ -210,14 +210,13 @@ def folder_dataset(dataset) -> Optional[ImageFolderDataset]:
 
 class ImageLoader:
     """A ``DataLoader`` over an image folder that leaves out dropped samples and, after each pass
-    (an epoch, an evaluation), says how many unreadable files the run has skipped: one line, with
-    the files not named before."""
+    (an epoch, an evaluation), says in one line how many unreadable files the run has skipped (each
+    was named once, with the reason, when first met)."""
 
     def __init__(self, dataset, **loader_kwargs) -> None:
         self.dataset = dataset
         self.folder = folder_dataset(dataset)
         self.loader = DataLoader(dataset, collate_fn=drop_skipped, **loader_kwargs)
-        self._named: set = set()
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -236,20 +235,12 @@ class ImageLoader:
                             "could be read")
 
     def skipped_message(self) -> Optional[str]:
-        """The line :meth:`report` prints (``None`` when nothing was skipped); marks new files as named."""
-        if self.folder is None:
+        """The line :meth:`report` prints; ``None`` when nothing was skipped."""
+        if self.folder is None or not self.folder.bad_flags.any():
             return None
-        bad = self.folder.bad_flags.nonzero().flatten().tolist()
-        if not bad:
-            return None
-        new = [i for i in bad if i not in self._named]
-        self._named.update(new)
         what = "each replaced by the next readable image" if self.folder.on_bad == "next" else "left out"
-        msg = f"{len(bad)} unreadable image(s) under {shown(self.folder.root)} skipped so far in this run ({what})"
-        if new:
-            names = ", ".join(shown(self.folder.files[i]) for i in new[:3])
-            msg += f"; new: {names}" + (f" and {len(new) - 3} more" if len(new) > 3 else "")
-        return msg
+        return (f"{int(self.folder.bad_flags.sum())} unreadable image(s) under {shown(self.folder.root)} skipped so "
+                f"far in this run ({what})")
 
     def report(self) -> None:
         msg = self.skipped_message()
