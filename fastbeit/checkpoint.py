@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -62,6 +63,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in one line (torch's own messages run to many lines)."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError) or text.startswith("Weights only load failed"):
+        return "not a torch checkpoint, a torn one, or one holding objects that weights-only loading refuses"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'no details'}"
+
+
 def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     """Read one of our checkpoints (weights-only unpickling), with a clear error if it is not one."""
     path = Path(path)
@@ -70,7 +79,7 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({load_failure(exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a fastbeit checkpoint (no 'model' entry)")
     return ckpt

@@ -61,13 +61,15 @@ from fastbeit.data.classification import (
     class_folder_datasets,
     soft_target_cross_entropy,
 )
+from fastbeit.data.folder import ImageLoader
 from fastbeit.data.sampler import ResumableSampler
-from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
+from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import build_adamw, cosine_schedule, set_step_values
+from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 REFERENCE_LR, REFERENCE_BATCH = 4e-3, 1024
 ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
@@ -138,19 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    check_finetune_flags(args)
     resolve_train_val(args)
     for name in ("train", "val"):
         if not Path(getattr(args, name)).is_dir():
             raise UserError(f"{name} folder {getattr(args, name)} does not exist (expected <class>/<image> inside)")
-    if args.batch_size <= 0 or args.epochs <= 0 or args.update_freq <= 0:
-        raise UserError("--batch_size, --update_freq and --epochs must be positive")
     if args.model is not None and args.model not in PRESETS:
         raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(PRESETS)}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
     return args
+
+
+def check_finetune_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, the device and the output folder usable (before any work)."""
+    checks = FlagChecks(args)
+    checks.positive("lr", "batch_size", "epochs", "update_freq", "log_every", "save_ckpt_freq", "patch_size",
+                    "depth", "input_size", "nb_classes", "opt_eps")
+    checks.non_negative("num_workers", "weight_decay", "weight_decay_end", "clip_grad", "mixup", "cutmix", "min_lr",
+                        "warmup_lr", "warmup_epochs", "layer_scale_init_value", "init_scale")
+    checks.within("smoothing", 0, 1, high_open=True)
+    checks.within("layer_decay", 0, 1, low_open=True)
+    checks.within("crop_pct", 0, 1, low_open=True)
+    checks.within("opt_betas", 0, 1, high_open=True)
+    checks.within("drop_path", 0, 1, high_open=True)
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        checks.within(name, 0, 1)
+    checks.choice("train_interpolation", INTERPOLATIONS)
+    args.device = resolve_device(args.device)
+    check_output_dir(args.output)
 
 
 def preset_name(cfg: BeitConfig) -> str:
@@ -168,13 +184,14 @@ def model_config(args: argparse.Namespace, loaded: Optional[LoadedCheckpoint]) -
                   kernels=args.kernels, use_rel_pos_bias=not args.disable_rel_pos_bias,
                   use_shared_rel_pos_bias=False, use_abs_pos_emb=args.abs_pos_emb)
     if loaded is None:
-        cfg = make_config(args.model or "beit_base", patch_size=args.patch_size or 16, depth=args.depth, **common)
+        patch_size = 16 if args.patch_size is None else args.patch_size
+        cfg = make_config(args.model or "beit_base", patch_size=patch_size, depth=args.depth, **common)
         return cfg.replace(init_values=layer_scale)
     ckpt = loaded.config
     wanted = {"patch_size": args.patch_size, "depth": args.depth}
     if args.model is not None:
         wanted.update({k: v for k, v in PRESETS[args.model].items() if k in ARCH_KEYS})
-        wanted["depth"] = args.depth or PRESETS[args.model].get("depth")
+        wanted["depth"] = args.depth if args.depth is not None else PRESETS[args.model].get("depth")
     diffs = [f"{k} {ckpt[k]} (expected {v})" for k, v in wanted.items() if v is not None and ckpt[k] != v]
     if diffs:
         asked = f"--model {args.model}" if args.model else "the flags"
@@ -251,11 +268,11 @@ class FineTuner:
             raise UserError(f"{len(self.train_ds)} training images give no full step of {args.batch_size} x "
                             f"{args.update_freq} per process; lower --batch_size or --update_freq")
         pin = self.device.type == "cuda"
-        self.train_loader = torch.utils.data.DataLoader(
+        self.train_loader = ImageLoader(
             self.train_ds, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.num_workers,
             pin_memory=pin, drop_last=True)
         val_part = torch.utils.data.Subset(self.val_ds, range(self.dist.rank, len(self.val_ds), self.dist.world_size))
-        self.val_loader = torch.utils.data.DataLoader(
+        self.val_loader = ImageLoader(
             val_part, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=pin)
 
     def resume_checkpoint(self) -> Optional[Dict[str, Any]]:

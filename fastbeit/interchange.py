@@ -26,9 +26,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from fastbeit.checkpoint import load_failure
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.layers import relative_position_index
+from fastbeit.validate import check_output_file
 
 FORMATS = ("fastbeit", "unilm", "timm", "hf")
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.weight$")
@@ -240,7 +242,7 @@ def read_file(path: str | Path) -> Any:
         with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({load_failure(exc)})") from None
 
 
 def _tensors(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
@@ -373,6 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("output", help="where to write (.safetensors for a flat state dict, else a torch file)")
     parser.add_argument("--to", choices=FORMATS, required=True)
     args = parser.parse_args(argv)
+    check_output_file(args.output, "output", folder_ok=args.to == "hf")  # hf may be written as a folder
     loaded = load_any(args.input)
     result = convert(loaded, args.to)
     out = Path(args.output)

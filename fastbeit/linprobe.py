@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -35,11 +36,13 @@ from fastbeit.classifier import BeitForImageClassification, load_pretrained, top
 from fastbeit.cli import add_run_flags, amp_context, flag_adder, resolve_train_val
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, BeitConfig
 from fastbeit.data.classification import build_eval_transform, class_folder_datasets
+from fastbeit.data.folder import ImageLoader
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import cosine_schedule
+from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 CACHE_VERSION = 1
 
@@ -73,15 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    checks = FlagChecks(args)
+    checks.positive("lr", "batch_size", "epochs", "extract_batch_size", "input_size", "block")
+    checks.non_negative("weight_decay", "warmup_epochs", "num_workers")
+    args.device = resolve_device(args.device)
+    check_output_dir(args.output)
+    check_output_dir(args.cache, "--cache")
     resolve_train_val(args)
     if args.lr is None:
         args.lr = 0.1 if args.opt == "sgd" else 1e-3
-    if args.batch_size <= 0 or args.epochs <= 0:
-        raise UserError("--batch_size and --epochs must be positive")
     args.cache = args.cache or str(Path(args.output) / "cache")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
     return args
 
 
@@ -111,9 +115,15 @@ def frozen_encoder(loaded: LoadedCheckpoint, args: argparse.Namespace) -> Tuple[
 
 
 def file_list_digest(files: List[Path]) -> str:
+    """Names (as bytes: any name, UTF-8 or not) and sizes; a file that cannot be stat'ed (a broken
+    link) counts as size -1 and is skipped at extraction like any unreadable image."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f}\0{f.stat().st_size}\n".encode())
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = -1
+        h.update(os.fsencode(f) + f"\0{size}\n".encode())
     return h.hexdigest()
 
 
@@ -131,8 +141,8 @@ def cache_key(args: argparse.Namespace, block: int, img_size: int, train_files, 
 def extract(model: BeitForImageClassification, dataset, block: int, args, device: torch.device,
             desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of a whole dataset."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.extract_batch_size, shuffle=False,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    loader = ImageLoader(dataset, batch_size=args.extract_batch_size, shuffle=False, num_workers=args.num_workers,
+                         pin_memory=device.type == "cuda")
     feats, labels = [], []
     for images, targets in tqdm(loader, desc=desc, disable=args.no_progress, dynamic_ncols=True):
         with amp_context(args.amp, device):
@@ -147,7 +157,7 @@ def load_or_extract_features(args, loaded: LoadedCheckpoint, block: int) -> Tupl
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (BEIT_MEAN, BEIT_STD)
     img_size = args.input_size or loaded.config["img_size"]
     tf = build_eval_transform(img_size, mean, std)
-    train_ds, val_ds, classes = class_folder_datasets(args.train, args.val, tf, tf)
+    train_ds, val_ds, classes = class_folder_datasets(args.train, args.val, tf, tf, train_on_bad="drop")
     key = cache_key(args, block, img_size, train_ds.files, val_ds.files)
     path = Path(args.cache) / f"features-{key}.pt"
     if path.is_file():

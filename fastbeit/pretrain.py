@@ -43,13 +43,14 @@ from fastbeit.cli import (
 )
 from fastbeit.compiled import COMPILE_MODES, CompiledStep
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
-from fastbeit.data.folder import ImageFolderDataset
+from fastbeit.data.folder import ImageFolderDataset, ImageLoader
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import (
     BEIT_MEAN,
     BEIT_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INTERPOLATIONS,
     BeitPretrainTransform,
     TwoViewTransform,
 )
@@ -59,6 +60,7 @@ from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
 from fastbeit.model import BeitForMaskedImageModeling
 from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, set_step_values
+from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 TOKENIZER_DOWNSAMPLE = 8
 SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "sample"
@@ -155,8 +157,7 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.demo:
         args.data = str(SAMPLE_DIR)
-    if args.batch_size <= 0 or args.epochs <= 0:
-        raise UserError("--batch_size and --epochs must be positive")
+    check_pretrain_flags(args)
     if args.input_size % args.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     grid = args.input_size // args.patch_size
@@ -165,13 +166,24 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             f"--second_input_size must be {TOKENIZER_DOWNSAMPLE * grid} for a {grid}x{grid} patch grid (got "
             f"{args.second_input_size}): the tokenizer down-samples {TOKENIZER_DOWNSAMPLE}x to one token per patch"
         )
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     return args
+
+
+def check_pretrain_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, the device and the output folder usable (before any work)."""
+    checks = FlagChecks(args)
+    checks.positive("lr", "batch_size", "epochs", "log_every", "save_ckpt_freq", "patch_size", "depth", "input_size",
+                    "second_input_size", "max_steps", "opt_eps")
+    checks.non_negative("num_workers", "weight_decay", "weight_decay_end", "clip_grad", "color_jitter", "min_lr",
+                        "warmup_lr", "warmup_epochs", "layer_scale_init_value", "num_mask_patches")
+    checks.within("opt_betas", 0, 1, high_open=True)
+    checks.within("drop_path", 0, 1, high_open=True)
+    checks.choice("train_interpolation", INTERPOLATIONS)
+    checks.choice("second_interpolation", INTERPOLATIONS)
+    args.device = resolve_device(args.device)
+    check_output_dir(args.output)
 
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
@@ -261,7 +273,7 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
         raise UserError(
             f"{len(dataset)} images give no full batch of {args.batch_size} per process; lower --batch_size"
         )
-    loader = torch.utils.data.DataLoader(
+    loader = ImageLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
         pin_memory=args.device.startswith("cuda"), drop_last=True,
     )

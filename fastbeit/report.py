@@ -33,6 +33,7 @@ from fastbeit import bench_step as bs
 from fastbeit.config import PRESETS, make_config
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.flops import StepFlops, encoder_forward_breakdown, measure_matmul_tflops, mfu, step_flops
+from fastbeit.validate import check_output_dir, resolve_device
 
 GPU_DEFAULTS: Dict[str, Any] = dict(
     model="beit_base", batch=128, img_size=224, patch_size=16, amp="bf16", vocab=8192, warmup=5, iters=15,
@@ -109,12 +110,10 @@ def resolve_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse, fill device-dependent defaults, and validate."""
     args = build_parser().parse_args(argv)
     args.command = "python -m fastbeit.report" + (" " + shlex.join(argv) if argv else "")
+    check_output_dir(args.output)
     if args.from_json is not None:
         return args
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
+    args.device = resolve_device(args.device)
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -54,6 +54,7 @@ from fastbeit.segmentation.model import BeitSegmenter, HeadConfig, describe
 from fastbeit.segmentation.optim import SCHEDULES, apply_lr, layer_decay_groups, learning_rate
 from fastbeit.segmentation.pretrained import load_pretrained_backbone
 from fastbeit.segmentation.transforms import EvalTransform, TrainTransform
+from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 KIND = "segmentation"
 
@@ -131,11 +132,17 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.data is None:
         raise UserError("--data is required: a folder with {train,val,test}/{images,labels} (CamVid layout)")
     check_classes(args.num_classes, args.ignore_index)
-    positive = dict(crop_size=args.crop_size, batch_size=args.batch_size, epochs=args.epochs,
-                    eval_every=args.eval_every, log_every=args.log_every)
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
+    checks = FlagChecks(args)
+    checks.positive("crop_size", "batch_size", "epochs", "eval_every", "log_every", "lr", "patch_size", "depth",
+                    "embed_dim", "num_heads", "head_channels", "max_steps", "max_train_images", "max_val_images",
+                    "opt_eps", "power")
+    checks.non_negative("num_workers", "weight_decay", "clip_grad", "min_lr", "warmup_iters", "aux_weight",
+                        "layer_scale_init_value")
+    checks.within("layer_decay", 0, 1, low_open=True)
+    checks.within("opt_betas", 0, 1, high_open=True)
+    checks.within("drop_path", 0, 1, high_open=True)
+    checks.within("warmup_ratio", 0, 1)
+    checks.within("cat_max_ratio", 0, 1, low_open=True)
     if args.batch_size < 2:
         raise UserError("--batch_size must be at least 2 (BatchNorm in the head needs more than one sample)")
     if min(args.img_scale) <= 0 or not 0 < args.ratio_range[0] <= args.ratio_range[1]:
@@ -144,10 +151,8 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise UserError(f"--eval_stride must be in [1, crop size {args.crop_size}]")
     if args.eval_only and args.resume is None:
         raise UserError("--eval_only needs the model to evaluate: --resume PATH (a segmentation checkpoint)")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
+    args.device = resolve_device(args.device)
+    check_output_dir(args.output)
     return args
 
 

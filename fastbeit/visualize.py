@@ -30,12 +30,13 @@ from torchvision.transforms import functional as TF
 
 from fastbeit.checkpoint import load_checkpoint, load_model_state
 from fastbeit.config import BeitConfig
-from fastbeit.data.folder import load_rgb
+from fastbeit.data.folder import read_image
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD, map_pixels
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.layers import gather_relative_bias, qkv_projection
 from fastbeit.masking import MaskingGenerator
 from fastbeit.model import Attention, BeitForMaskedImageModeling
+from fastbeit.validate import check_output_file, resolve_device
 
 TOKENIZER_DOWNSAMPLE = 8
 MIM_KEYS = ("mask_token", "lm_head.weight")
@@ -67,12 +68,7 @@ def load_pretraining_model(path: str, device: torch.device) -> Tuple[BeitForMask
 def load_views(path: str, size: int, token_size: int, mean: Sequence[float], std: Sequence[float]):
     """(normalized patch view ``[3, S, S]``, ``map_pixels`` tokenizer view, display image ``[S, S, 3]``):
     the image's centre square, resized twice (bicubic / Lanczos as in pre-training)."""
-    if not Path(path).is_file():
-        raise UserError(f"image {path} does not exist")
-    try:
-        img = load_rgb(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"image {path} cannot be read: {exc}") from None
+    img = read_image(path)
     side = min(img.size)
     img = TF.center_crop(img, [side, side])
     view = TF.to_tensor(TF.resize(img, [size, size], InterpolationMode.BICUBIC))
@@ -322,12 +318,10 @@ def run_mim(args: argparse.Namespace, model, pre_args, device) -> str:
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
+    device = torch.device(resolve_device(args.device))
+    check_output_file(args.output)
     for path in args.image:
-        if not Path(path).is_file():
-            raise UserError(f"image {path} does not exist")
+        read_image(path)  # every image readable before the model loads
     model, pre_args = load_pretraining_model(args.checkpoint, device)
     run = run_attention if args.mode == "attention" else run_mim
     print(run(args, model, pre_args, device))

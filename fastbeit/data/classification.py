@@ -171,17 +171,31 @@ def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) 
 
 
 def class_folders(root: str | Path) -> list:
-    """The first-level sub-folders of ``root`` (the class names), sorted."""
+    """The first-level sub-folders of ``root`` (the class names), sorted; a link back to ``root``
+    or to another class folder is no class of its own."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    seen = {_identity(root)}
+    names = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not p.name.startswith(".") and _identity(p) not in seen:
+            seen.add(_identity(p))
+            names.append(p.name)
+    return sorted(names)
+
+
+def _identity(path: Path) -> Tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def class_folder_datasets(
     train_root: str | Path, val_root: str | Path, train_transform, val_transform, nb_classes: Optional[int] = None,
+    train_on_bad: str = "next",
 ) -> Tuple[ImageFolderDataset, ImageFolderDataset, list]:
-    """Train and val datasets that share one class list; clear errors for mismatches."""
+    """Train and val datasets that share one class list; clear errors for mismatches. An unreadable
+    val image is left out (never replaced: it would count its neighbour twice)."""
     train_classes, val_classes = class_folders(train_root), class_folders(val_root)
     if not train_classes:
         raise UserError(f"{train_root} has no class sub-folders (expected {train_root}/<class>/<image>)")
@@ -193,6 +207,7 @@ def class_folder_datasets(
     if nb_classes is not None and nb_classes < len(train_classes):
         raise UserError(f"--nb_classes {nb_classes} is too small: {train_root} has {len(train_classes)} class folders "
                         f"(labels 0..{len(train_classes) - 1})")
-    train = ImageFolderDataset(train_root, train_transform, with_labels=True, classes=train_classes)
-    val = ImageFolderDataset(val_root, val_transform, with_labels=True, classes=train_classes)
+    train = ImageFolderDataset(train_root, train_transform, with_labels=True, classes=train_classes,
+                               on_bad=train_on_bad)
+    val = ImageFolderDataset(val_root, val_transform, with_labels=True, classes=train_classes, on_bad="drop")
     return train, val, train_classes

@@ -30,6 +30,7 @@ from fastbeit import finetune, pretrain
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS
 from fastbeit.data.folder import find_images
 from fastbeit.errors import UserError, cli_entry
+from fastbeit.validate import FlagChecks, check_output_dir
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    FlagChecks(args).non_negative("num_workers")
+    check_output_dir(args.output)
     data = Path(args.data)
     train, val = data / "train", data / "val"
     for folder in (train, val):

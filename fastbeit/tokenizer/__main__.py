@@ -14,11 +14,12 @@ from typing import Optional, Sequence
 import torch
 from torchvision.utils import save_image
 
-from fastbeit.data.folder import load_rgb
+from fastbeit.data.folder import read_image, shown
 from fastbeit.data.transforms import unmap_pixels
-from fastbeit.errors import UserError, cli_entry
+from fastbeit.errors import cli_entry
 from fastbeit.tokenizer.dvae import load_tokenizer
 from fastbeit.tokenizer.train import EvalTransform
+from fastbeit.validate import check_output_file
 
 
 @cli_entry
@@ -29,20 +30,18 @@ def main(argv: Optional[Sequence[str]] = None) -> torch.Tensor:
     p.add_argument("--tokenizer", default=None, help="default: the shipped tokenizer")
     p.add_argument("--output", default="tokenizer_recon.png", help="originals over reconstructions")
     a = p.parse_args(argv)
+    check_output_file(a.output)
+    images = [read_image(name) for name in a.images]  # every image readable before the model loads
     model = load_tokenizer(a.tokenizer)
     transform = EvalTransform(model.config.image_size)
-    xs = []
-    for name in a.images:
-        try:
-            xs.append(transform(load_rgb(name)))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read image {name}: {exc}") from None
+    xs = [transform(img) for img in images]
     x = torch.stack(xs)
     ids = model.encode(x)
     for name, grid in zip(a.images, ids):
-        print(f"{name}: {tuple(grid.shape)} ids, {grid.unique().numel()} distinct")
+        print(f"{shown(name)}: {tuple(grid.shape)} ids, {grid.unique().numel()} distinct")
         print(f"  first row: {grid[0].tolist()}")
     if model.decoder is not None:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         save_image(torch.cat([unmap_pixels(x), model.decode(ids)]), a.output, nrow=len(xs), padding=2)
         print(f"wrote {Path(a.output)}")
     return ids

@@ -35,13 +35,16 @@ from torchvision.transforms import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from fastbeit.checkpoint import load_checkpoint
 from fastbeit.cli import whole_step
-from fastbeit.data.folder import ImageFolderDataset
+from fastbeit.data.folder import ImageFolderDataset, ImageLoader
 from fastbeit.data.transforms import map_pixels, sample_crop_box, unmap_pixels
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.tokenizer.dvae import LOSSES, DiscreteVAE, DVAEConfig, GumbelNoisePool, save_tokenizer
+from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
+RESUME_KEYS = ("model", "optimizer", "config", "step", "epoch", "elapsed")
 
 
 class TrainTransform:
@@ -191,18 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a: argparse.Namespace) -> None:
-    if a.epochs < 1 or a.batch_size < 1:
-        raise UserError("--epochs and --batch-size must be >= 1")
-    if a.max_minutes is not None and a.max_minutes <= 0:
-        raise UserError("--max-minutes must be > 0")
-    if a.temperature_start <= 0 or a.temperature_end <= 0:
-        raise UserError("temperatures must be > 0")
-    if a.lr <= 0 or not 0 <= a.warmup < 1:
-        raise UserError("--lr must be > 0 and --warmup in [0, 1)")
+    checks = FlagChecks(a, dashes=True)
+    checks.positive("epochs", "batch_size", "max_minutes", "temperature_start", "temperature_end", "lr", "log_every",
+                    "grid_images", "threads")
+    checks.non_negative("num_workers", "weight_decay", "min_lr_ratio", "kl_weight_start", "kl_weight_end",
+                        "anneal_fraction", "kl_warmup", "diversity_weight", "sharpness")
+    checks.within("warmup", 0, 1, high_open=True)
+    checks.within("crop_scale", 0, 1, low_open=True)
+    a.device = resolve_device(a.device)
+    check_output_dir(a.output)
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> ImageLoader:
+    return ImageLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       drop_last=shuffle and len(dataset) >= batch_size, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 
@@ -228,16 +232,29 @@ class RunState:
 def build_data(a: argparse.Namespace) -> Tuple[DataLoader, DataLoader]:
     """Training (augmented) and held-out (centre crop) loaders over a seeded split."""
     train_set = ImageFolderDataset(a.data, TrainTransform(a.image_size, tuple(a.crop_scale)))
-    val_set = ImageFolderDataset(a.data, EvalTransform(a.image_size))
+    val_set = ImageFolderDataset(a.data, EvalTransform(a.image_size), on_bad="drop")
     train_idx, val_idx = split_indices(len(train_set), a.val_fraction, a.seed)
     return (_loader(Subset(train_set, train_idx), a.batch_size, True, a.num_workers, a.seed),
             _loader(Subset(val_set, val_idx), a.batch_size, False, 0, a.seed))
 
 
-def build_model(a: argparse.Namespace, out: Path, device: torch.device):
-    """Model, AdamW and run state: fresh, or restored from the checkpoint --resume names."""
-    resume = _resume_path(a, out)
-    ckpt = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+def read_resume(path: Optional[Path]) -> Optional[Dict]:
+    """The --resume checkpoint, checked to be one of this script's (one clear line if not)."""
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume {path} is not a tokenizer training checkpoint (no {', '.join(missing)})")
+    try:
+        DVAEConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError, UserError) as exc:
+        raise UserError(f"--resume {path} has an unusable tokenizer config: {exc}") from None
+    return ckpt
+
+
+def build_model(a: argparse.Namespace, ckpt: Optional[Dict], device: torch.device):
+    """Model, AdamW and run state: fresh, or restored from the --resume checkpoint."""
     config = DVAEConfig.from_dict(ckpt["config"]) if ckpt else DVAEConfig(
         n_hid=a.n_hid, n_blk_per_group=a.n_blk_per_group, vocab_size=a.vocab_size,
         image_size=a.image_size, n_init=a.n_init, loss=a.loss)
@@ -246,11 +263,13 @@ def build_model(a: argparse.Namespace, out: Path, device: torch.device):
                             weight_decay=a.weight_decay)
     state = RunState()
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"--resume: the checkpoint's weights do not fit its config ({str(exc)[:200]})") from None
         state = RunState(ckpt["step"], ckpt["epoch"], ckpt["elapsed"])
-        print(f"resumed from {resume}: epoch {state.epoch}, step {state.step}, "
-              f"{state.elapsed / 60:.1f} min trained")
+        print(f"resumed: epoch {state.epoch}, step {state.step}, {state.elapsed / 60:.1f} min trained")
     return model, opt, state
 
 
@@ -334,9 +353,10 @@ def finish(a: argparse.Namespace, model: DiscreteVAE, state: RunState, final_pro
                     "epochs": round(state.step / len(train_loader), 2),
                     "images_seen": state.step * a.batch_size, "final_temperature": final_temperature,
                     "params": sum(p.numel() for p in model.parameters())})
-    n_grid = min(a.grid_images, len(val_loader.dataset))
-    save_recon_grid(model, torch.stack([val_loader.dataset[i] for i in range(n_grid)]).to(device),
-                    out / "recon.png")
+    readable = (x for x in (val_loader.dataset[i] for i in range(len(val_loader.dataset))) if x is not None)
+    grid = [x for _, x in zip(range(a.grid_images), readable)]
+    if grid:
+        save_recon_grid(model, torch.stack(grid).to(device), out / "recon.png")
     save_tokenizer(model, out / "tokenizer.safetensors", extra={"metrics": metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"held-out reconstruction MSE {metrics['recon_mse']:.5f} on {metrics['heldout_images']} images; "
@@ -354,14 +374,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     _check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(a.device)
     amp = (a.amp or ("bf16" if device.type == "cuda" else "none")) == "bf16"
     out = Path(a.output)
+    ckpt = read_resume(_resume_path(a, out))
     out.mkdir(parents=True, exist_ok=True)
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     train_loader, val_loader = build_data(a)
-    model, opt, state = build_model(a, out, device)
+    model, opt, state = build_model(a, ckpt, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{len(train_loader.dataset)} training / {len(val_loader.dataset)} held-out images; dVAE "
           f"{n_params / 1e6:.2f} M params on {device}{' (bf16 autocast)' if amp else ''}")
