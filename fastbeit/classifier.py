@@ -21,7 +21,7 @@ from torch import nn
 
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError
-from fastbeit.layers import init_beit_weights, trunc_normal_
+from fastbeit.layers import init_beit_weights, wide_trunc_normal_
 from fastbeit.model import BeitEncoder
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
@@ -47,11 +47,15 @@ class BeitForImageClassification(BeitEncoder):
         self.reset_parameters(init_scale)
 
     def reset_parameters(self, init_scale: float = 0.001) -> None:
-        """The original init, then the head scaled by ``init_scale`` so fine-tuning starts near zero logits."""
+        """The original fine-tuning model's init (not the pre-training one): timm's wide truncated
+        normal for CLS, positions and Linear weights, the patch-embedding conv at PyTorch's default,
+        the ``sqrt(2·layer)`` rescale; then the head scaled by ``init_scale`` so fine-tuning starts
+        near zero logits."""
         for param in (self.cls_token, self.pos_embed):
             if param is not None:
-                trunc_normal_(param, self.cfg.init_std)
-        init_beit_weights(self, self.cfg.init_std)
+                wide_trunc_normal_(param, self.cfg.init_std)
+        self.patch_embed.proj.reset_parameters()
+        init_beit_weights(self, self.cfg.init_std, finetune=True)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(init_scale)

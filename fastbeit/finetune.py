@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, default=100)
     add("--lr", type=float, default=None, help="default: 4e-3 x total batch / 1024")
     add("--min_lr", type=float, default=1e-6)
-    add("--warmup_lr", type=float, default=1e-6)
+    add("--warmup_lr", type=float, default=1e-6,
+        help="accepted for the original's command lines and unused there too: warmup starts at 0")
     add("--warmup_epochs", type=float, default=20)
     add("--warmup_steps", type=int, default=-1)
     add("--layer_decay", type=float, default=None, help="default 0.65, 0.75 for 24-layer models")
@@ -327,8 +328,9 @@ class FineTuner:
         self.optimizer = build_adamw(groups, self.lr, args.opt_betas, args.opt_eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
         steps = max(self.steps_per_epoch, 1)
+        # From 0, not --warmup_lr: the original parses that flag but never passes it on.
         self.lr_schedule = cosine_schedule(self.lr, args.min_lr, args.epochs, steps, args.warmup_epochs,
-                                           args.warmup_lr, args.warmup_steps)
+                                           0.0, args.warmup_steps)
         wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
         self.wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, steps)
         self.mixup = MixupCutmix(self.model.num_classes, args.mixup, args.cutmix, args.mixup_prob,
