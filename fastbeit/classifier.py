@@ -23,6 +23,7 @@ from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError
 from fastbeit.layers import init_beit_weights, wide_trunc_normal_
 from fastbeit.model import BeitEncoder
+from fastbeit.optim import no_decay_names
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "lm_head.")
@@ -135,9 +136,7 @@ def layer_decay_groups(
     ``pos_embed``, ``cls_token``), as in the original fine-tuning code; the relative position
     tables are 2-D and therefore decayed there too.
     """
-    if skip is None:
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    skip = set(skip)
+    skip = set(no_decay_names(model) if skip is None else skip)
     num_layers = model.get_num_layers() if hasattr(model, "get_num_layers") else len(model.blocks)
     scales = layer_scales(num_layers, layer_decay)
     groups: Dict[Tuple[int, bool], Dict] = {}

@@ -52,7 +52,7 @@ from fastbeit.cli import (
     tell_non_finite,
     whole_step,
 )
-from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config
+from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config, preset_of
 from fastbeit.data.classification import (
     DEFAULT_AUTO_AUGMENT,
     MixupCutmix,
@@ -67,7 +67,7 @@ from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
-from fastbeit.optim import build_adamw, cosine_schedule, set_step_values
+from fastbeit.optim import build_adamw, cosine_schedule, no_decay_names, set_step_values
 
 REFERENCE_LR, REFERENCE_BATCH = 4e-3, 1024
 ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drop_path", type=float, default=0.1)
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale (from scratch only)")
     add("--disable_rel_pos_bias", action="store_true", help="no per-layer relative position tables")
+    add("--disable_weight_decay_on_rel_pos_bias", action="store_true", help="no weight decay on position tables")
     add("--abs_pos_emb", action="store_true", help="add absolute position embeddings")
     add("--rel_pos_interpolation", choices=REL_POS_MODES, default="geometric",
         help="how a --finetune checkpoint's relative position tables are resized to another patch grid: geometric "
@@ -145,8 +146,8 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             raise UserError(f"{name} folder {getattr(args, name)} does not exist (expected <class>/<image> inside)")
     if args.batch_size <= 0 or args.epochs <= 0 or args.update_freq <= 0:
         raise UserError("--batch_size, --update_freq and --epochs must be positive")
-    if args.model is not None and args.model not in PRESETS:
-        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(PRESETS)}")
+    if args.model is not None:
+        args.model = preset_of(args.model)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -324,7 +325,8 @@ class FineTuner:
         self.lr = args.lr if args.lr is not None else REFERENCE_LR * total_batch / REFERENCE_BATCH
         if args.layer_decay is None:  # the recipe: 0.65 for Base, 0.75 for Large (24 layers)
             args.layer_decay = 0.75 if self.cfg.depth >= 24 else 0.65
-        groups = layer_decay_groups(self.model, args.weight_decay, args.layer_decay)
+        skip = no_decay_names(self.model, args.disable_weight_decay_on_rel_pos_bias)
+        groups = layer_decay_groups(self.model, args.weight_decay, args.layer_decay, skip)
         self.optimizer = build_adamw(groups, self.lr, args.opt_betas, args.opt_eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
         steps = max(self.steps_per_epoch, 1)
