@@ -11,13 +11,20 @@ modules under ``beit.embeddings`` / ``beit.encoder.layer.{i}``.
     torch.save(to_timm(sd), "for_timm.pt")           # timm.create_model("beit_base_patch16_224", ...)
 
     python -m fastbeit.interchange runs/base/checkpoint.pt beit_timm.safetensors --to timm
+    python -m fastbeit.interchange runs/base/checkpoint.pt beit_hf --to hf   # a from_pretrained folder
+
+The head count and depth are never guessed: they come from a relative position table, a config
+(fastbeit's, a Hugging Face ``config.json``, or the ``fastbeit_config`` metadata this module writes
+into every file it makes) or ``--num_heads``. Missing encoder weights are an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +38,10 @@ from fastbeit.errors import UserError, cli_entry
 from fastbeit.layers import relative_position_index
 
 FORMATS = ("fastbeit", "unilm", "timm", "hf")
+META_KEY = "fastbeit_config"  # our BeitConfig fields, in safetensors metadata or beside a unilm "model"
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.weight$")
 INDEX_SUFFIX = "relative_position_index"
 TABLE_SUFFIX = "relative_position_bias_table"
@@ -225,6 +236,26 @@ class LoadedCheckpoint:
                 f"{c['num_heads']} heads, patch {c['patch_size']}, {c['img_size']} px")
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """The first non-empty line of an error text, without terminal colour codes, at most ``limit`` long."""
+    lines = [line.strip() for line in ANSI.sub("", text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _unpickling_error(path: Path, exc: Exception) -> UserError:
+    """One line for torch's multi-line weights-only refusal: what the file holds, and what to do."""
+    text = ANSI.sub("", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found is None:
+        return UserError(f"{path} is not a readable checkpoint (neither a torch file of weights nor safetensors)")
+    if "dall_e" in found.group(1):
+        return UserError(f"{path} is DALL-E's pickled tokenizer ({found.group(1)}), not BEiT weights (pre-training "
+                         "takes it as --tokenizer)")
+    return UserError(f"{path} pickles Python objects ({found.group(1)}), not only weights; fastbeit never runs a "
+                     "file's code: re-save its state_dict")
+
+
 def read_file(path: str | Path) -> Any:
     """Load a ``.safetensors`` file or a torch pickle (weights only; the original code's
     ``argparse.Namespace`` args are allowed)."""
@@ -240,7 +271,44 @@ def read_file(path: str | Path) -> Any:
         with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise _unpickling_error(path, exc) from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {one_line(str(exc))})") from None
+
+
+def read_metadata(path: Path) -> Dict[str, Any]:
+    """The config this module stored in a ``.safetensors`` header (``{}`` when there is none)."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(META_KEY)
+    return json.loads(text) if text else {}
+
+
+def read_hf_folder(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A ``save_pretrained`` folder: its weights (one file or shards) and its ``config.json``."""
+    config_file = path / HF_CONFIG
+    if not config_file.is_file():
+        raise UserError(f"{path} is a folder without {HF_CONFIG}: expected a Hugging Face save_pretrained folder")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_file} is not readable JSON ({one_line(str(exc))})") from None
+    if hf.get("model_type", "beit") != "beit":
+        raise UserError(f"{path} holds a {hf['model_type']!r} model, not BEiT")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index_name).is_file():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            state: Dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_file(path / shard))
+            return state, hf
+    for name in (HF_WEIGHTS, "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_file(path / name), hf
+    raise UserError(f"{path} has {HF_CONFIG} but no {HF_WEIGHTS} or pytorch_model.bin")
 
 
 def _tensors(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
@@ -253,6 +321,9 @@ def detect_format(obj: Any) -> Tuple[str, Dict[str, torch.Tensor]]:
     """(format, state dict in that format's names) of a loaded file; :class:`UserError` if it holds no BEiT."""
     if not isinstance(obj, dict):
         raise UserError(f"expected a dict of weights, found a {type(obj).__name__}")
+    if obj.get("kind") == "segmentation":
+        raise UserError("it is a fastbeit segmentation checkpoint (UperNet on a BEiT backbone), not a BEiT "
+                        "pre-training or classification one.")
     if isinstance(obj.get("config"), dict) and _tensors(obj.get("model")) is not None:
         return "fastbeit", obj["model"]
     wrapped = None
@@ -286,9 +357,56 @@ def to_ours(fmt: str, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return from_unilm(state)
 
 
-def infer_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """BeitConfig fields read off the tensor shapes (our names). Without any relative position
-    table the head count cannot be seen: 64-wide heads are assumed."""
+def hf_to_config(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """BeitConfig fields from a Hugging Face ``BeitConfig`` dict."""
+    def first(value: Any) -> int:
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    dim = int(hf.get("hidden_size", 768))
+    scale = hf.get("layer_scale_init_value", 0.1)
+    return dict(
+        img_size=first(hf.get("image_size", 224)), patch_size=first(hf.get("patch_size", 16)),
+        in_chans=int(hf.get("num_channels", 3)), embed_dim=dim, depth=int(hf.get("num_hidden_layers", 12)),
+        num_heads=int(hf.get("num_attention_heads", 12)), mlp_ratio=int(hf.get("intermediate_size", 4 * dim)) / dim,
+        init_values=scale if scale and scale > 0 else None, layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        use_abs_pos_emb=bool(hf.get("use_absolute_position_embeddings", False)),
+        use_rel_pos_bias=bool(hf.get("use_relative_position_bias", False)),
+        use_shared_rel_pos_bias=bool(hf.get("use_shared_relative_position_bias", False)),
+        vocab_size=int(hf.get("vocab_size", 8192)),
+    )
+
+
+def config_to_hf(loaded: LoadedCheckpoint) -> Dict[str, Any]:
+    """A Hugging Face ``config.json`` for ``loaded``: every field its architecture depends on."""
+    c, kind = loaded.config, loaded.kind
+    pooling = bool(loaded.use_mean_pooling) if kind == "classifier" else "norm.weight" not in loaded.state_dict
+    arch = {"pretrain": "BeitForMaskedImageModeling", "classifier": "BeitForImageClassification"}.get(kind, "BeitModel")
+    out: Dict[str, Any] = dict(
+        model_type="beit", architectures=[arch], vocab_size=c["vocab_size"], hidden_size=c["embed_dim"],
+        num_hidden_layers=c["depth"], num_attention_heads=c["num_heads"],
+        intermediate_size=int(c["embed_dim"] * c["mlp_ratio"]), hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, initializer_range=c.get("init_std", 0.02),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-6), image_size=c["img_size"], patch_size=c["patch_size"],
+        num_channels=c["in_chans"], use_mask_token="mask_token" in loaded.state_dict,
+        use_absolute_position_embeddings=bool(c["use_abs_pos_emb"]),
+        use_relative_position_bias=bool(c["use_rel_pos_bias"]),
+        use_shared_relative_position_bias=bool(c["use_shared_rel_pos_bias"]),
+        layer_scale_init_value=c["init_values"] or 0.0, drop_path_rate=c.get("drop_path_rate", 0.1),
+        use_mean_pooling=True if kind == "pretrain" else pooling,  # MIM: one final norm, BeitModel's is Identity
+    )
+    if kind == "classifier":
+        names = list(loaded.meta.get("classes") or [])
+        names = names if len(names) == loaded.num_classes else [f"LABEL_{i}" for i in range(loaded.num_classes)]
+        out.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
+    return out
+
+
+def infer_config(state: Dict[str, torch.Tensor], known: Optional[Dict[str, Any]] = None,
+                 num_heads: Optional[int] = None) -> Dict[str, Any]:
+    """BeitConfig fields read off the tensor shapes (our names), overridden by ``known`` (a stored
+    or Hugging Face config). The head count comes from a relative position table, ``known`` or
+    ``num_heads``; :class:`UserError` when none of them has it (it is never guessed)."""
+    known = dict(known or {})
     try:
         dim = state["cls_token"].shape[-1]
         proj = state["patch_embed.proj.weight"]
@@ -301,39 +419,125 @@ def infer_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     table = per_layer if per_layer is not None else shared
     from fastbeit.classifier import table_grid
 
+    table_heads = table.shape[1] if table is not None else None
+    for source, heads in (("the config", known.get("num_heads")), ("--num_heads", num_heads)):
+        if table_heads is not None and heads is not None and heads != table_heads:
+            raise UserError(f"{source} says {heads} attention heads, the relative position table has {table_heads}")
+    heads = table_heads or known.get("num_heads") or num_heads
+    if heads is None:
+        raise UserError("the number of attention heads cannot be read off these weights (no relative position "
+                        "table, no config): give it with --num_heads")
     if table is not None:
-        heads, side = table.shape[1], table_grid(table.shape[0])[0]
+        side = table_grid(table.shape[0])[0]
     else:
-        heads = max(1, dim // 64)
         side = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // proj.shape[-1]
-    return dict(
+    inferred = dict(
         img_size=side * proj.shape[-1], patch_size=proj.shape[-1], in_chans=proj.shape[1], embed_dim=dim,
         depth=depth, num_heads=heads, mlp_ratio=hidden / dim, qkv_bias="blocks.0.attn.q_bias" in state,
         init_values=0.1 if "blocks.0.gamma_1" in state else None, use_abs_pos_emb="pos_embed" in state,
         use_rel_pos_bias=per_layer is not None, use_shared_rel_pos_bias=per_layer is None and shared is not None,
         vocab_size=state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 8192,
     )
+    fields = set(BeitConfig.__dataclass_fields__)
+    return {**inferred, **{k: v for k, v in known.items() if k in fields}}
 
 
-def load_any(path: str | Path) -> LoadedCheckpoint:
-    """Read a BEiT checkpoint in any supported format into our names, and say what it is."""
-    obj = read_file(path)
+def encoder_shapes(c: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Every encoder weight a model of config ``c`` has, with its shape (our names, no index buffers)."""
+    dim, heads, hidden = c["embed_dim"], c["num_heads"], int(c["embed_dim"] * c["mlp_ratio"])
+    patch, side = c["patch_size"], c["img_size"] // c["patch_size"]
+    table = ((2 * side - 1) ** 2 + 3, heads)
+    out: Dict[str, Tuple[int, ...]] = {"cls_token": (1, 1, dim), "patch_embed.proj.weight": (dim, c["in_chans"],
+                                       patch, patch), "patch_embed.proj.bias": (dim,)}
+    if c["use_abs_pos_emb"]:
+        out["pos_embed"] = (1, side * side + 1, dim)
+    if c["use_shared_rel_pos_bias"]:
+        out[f"rel_pos_bias.{TABLE_SUFFIX}"] = table
+    for i in range(c["depth"]):
+        block = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+                 "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,), "norm2.weight": (dim,),
+                 "norm2.bias": (dim,), "mlp.fc1.weight": (hidden, dim), "mlp.fc1.bias": (hidden,),
+                 "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)}
+        if c["qkv_bias"]:
+            block.update({"attn.q_bias": (dim,), "attn.v_bias": (dim,)})
+        if c["use_rel_pos_bias"]:
+            block[f"attn.{TABLE_SUFFIX}"] = table
+        if c["init_values"]:
+            block.update({"gamma_1": (dim,), "gamma_2": (dim,)})
+        out.update({f"blocks.{i}.{k}": v for k, v in block.items()})
+    return out
+
+
+def _listing(keys: List[str], limit: int = 4) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_encoder(state: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
+    """:class:`UserError` unless ``state`` holds every encoder weight of ``config``, in its shape,
+    and no blocks beyond its depth."""
+    expected = encoder_shapes(config)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise UserError(f"encoder weights are missing: {_listing(missing)}")
+    bad = [f"{k} {tuple(state[k].shape)} (expected {v})" for k, v in expected.items() if tuple(state[k].shape) != v]
+    if bad:
+        raise UserError(f"encoder weights have the wrong shape: {_listing(bad, 2)}")
+    extra = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")} - set(range(config["depth"])))
+    if extra:
+        raise UserError(f"blocks {extra} lie beyond the depth {config['depth']} of the config")
+
+
+# Beside the encoder: what each kind of checkpoint must hold to convert completely.
+KIND_KEYS = {
+    "pretrain": ("mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"),
+    "classifier": ("head.weight", "head.bias"),
+}
+
+
+def check_complete(loaded: LoadedCheckpoint) -> None:
+    """:class:`UserError` when a pre-training or classifier checkpoint lacks its own top weights."""
+    state = loaded.state_dict
+    needed = list(KIND_KEYS.get(loaded.kind, ()))
+    if loaded.kind == "classifier":
+        needed += ["fc_norm.weight", "fc_norm.bias"] if loaded.use_mean_pooling else ["norm.weight", "norm.bias"]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise UserError(f"{loaded.path}: this {loaded.kind} checkpoint lacks {_listing(missing)}")
+
+
+def _stored_config(obj: Any, path: Path, hf: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The config a file carries: a Hugging Face folder's, fastbeit's own, or our metadata."""
+    if hf is not None:
+        return hf_to_config(hf)
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        return obj["config"]
+    if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
+        return obj[META_KEY]
+    return read_metadata(path) or None
+
+
+def load_any(path: str | Path, num_heads: Optional[int] = None) -> LoadedCheckpoint:
+    """Read a BEiT checkpoint in any supported format (a file, or a Hugging Face folder) into our
+    names, and say what it is. ``num_heads`` is used only when the file records none."""
+    path = Path(path)
+    hf = None
+    if path.is_dir():
+        obj, hf = read_hf_folder(path)
+    else:
+        obj = read_file(path)
     try:
         fmt, raw = detect_format(obj)
     except UserError as exc:
-        raise UserError(f"{path} is not a BEiT checkpoint: {exc} Expected a fastbeit checkpoint or an original "
-                        "unilm, timm or Hugging Face BEiT state dict.") from None
-    state = to_ours(fmt, raw)
-    inferred = infer_config(state)
-    config = inferred
-    if fmt == "fastbeit":
-        stored = obj["config"]
-        known = {f for f in BeitConfig.__dataclass_fields__}
-        config = {**inferred, **{k: v for k, v in stored.items() if k in known}}
+        raise UserError(f"{path} is not a BEiT checkpoint: {exc} Expected a fastbeit checkpoint, a Hugging Face "
+                        "folder or an original unilm, timm or Hugging Face BEiT state dict.") from None
     try:
+        state = to_ours(fmt, raw)
+        config = infer_config(state, _stored_config(obj, path, hf), num_heads)
         BeitConfig(**config)
+        check_encoder(state, config)
     except (UserError, TypeError) as exc:
-        raise UserError(f"{path}: the weights describe no valid model ({exc})") from None
+        raise UserError(f"{path}: {exc}") from None
     if "lm_head.weight" in state or "mask_token" in state:
         kind = "pretrain"
     elif "head.weight" in state:
@@ -343,6 +547,8 @@ def load_any(path: str | Path) -> LoadedCheckpoint:
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else None
     pooling = ("fc_norm.weight" in state) if kind == "classifier" else None
     meta = {k: obj[k] for k in ("classes", "epoch", "acc1") if isinstance(obj, dict) and k in obj}
+    if hf is not None and kind == "classifier" and hf.get("id2label"):
+        meta["classes"] = [hf["id2label"][k] for k in sorted(hf["id2label"], key=int)]
     return LoadedCheckpoint(str(path), fmt, state, config, kind, num_classes, pooling, meta)
 
 
@@ -358,31 +564,62 @@ def convert(loaded: LoadedCheckpoint, to: str) -> Dict[str, Any]:
     if to == "hf":
         return to_hf(state)
     if to == "unilm":
-        return {"model": state}
+        return {"model": state, META_KEY: loaded.config}
     out: Dict[str, Any] = {"model": state, "config": loaded.config}
     if loaded.kind == "classifier":
         out.update(num_classes=loaded.num_classes, use_mean_pooling=loaded.use_mean_pooling)
     return out
 
 
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, config: Dict[str, Any]) -> None:
+    """Weights with ``format: pt`` (what ``from_pretrained`` checks) and our config as metadata."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", META_KEY: json.dumps(config)})
+
+
+def write_hf_folder(loaded: LoadedCheckpoint, folder: Path) -> None:
+    """A ``save_pretrained``-style folder: ``config.json`` and ``model.safetensors``."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; --to hf writes a folder (config.json + {HF_WEIGHTS})")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(to_hf(loaded.state_dict), folder / HF_WEIGHTS, loaded.config)
+    (folder / HF_CONFIG).write_text(json.dumps(config_to_hf(loaded), indent=2) + "\n")
+
+
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastbeit.interchange",
                                      description="Convert a BEiT checkpoint (any supported format) to another format.")
-    parser.add_argument("input", help="fastbeit, unilm, timm or Hugging Face weights (.pt/.pth/.bin/.safetensors)")
-    parser.add_argument("output", help="where to write (.safetensors for a flat state dict, else a torch file)")
+    parser.add_argument("input", help="fastbeit, unilm, timm or Hugging Face weights (.pt/.pth/.bin/.safetensors), "
+                        "or a Hugging Face save_pretrained folder")
+    parser.add_argument("output", help="--to hf: a folder for from_pretrained (config.json + model.safetensors), or a "
+                        "weights-only .safetensors/.bin file; other formats: a file (.safetensors for timm)")
     parser.add_argument("--to", choices=FORMATS, required=True)
+    parser.add_argument("--num_heads", "--num-heads", type=int, default=None,
+                        help="attention heads, for weights that record none (no relative position table or config)")
     args = parser.parse_args(argv)
-    loaded = load_any(args.input)
-    result = convert(loaded, args.to)
     out = Path(args.output)
+    as_folder = args.to == "hf" and out.suffix not in WEIGHT_SUFFIXES
+    if not as_folder and (out.is_dir() or args.output.endswith(("/", os.sep))):
+        raise UserError(f"{out} is a folder; --to {args.to} writes one file: give a file name")
+    if out.suffix == ".safetensors" and args.to not in ("timm", "hf"):
+        raise UserError(f"--to {args.to} needs a torch file (.pt), not .safetensors: it stores more than weights")
+    loaded = load_any(args.input, args.num_heads)
+    check_complete(loaded)
+    if as_folder:
+        write_hf_folder(loaded, out)
+        print(f"read {loaded.describe()}\nwrote a Hugging Face folder {out} ({HF_CONFIG} + {HF_WEIGHTS}): "
+              f"transformers.{config_to_hf(loaded)['architectures'][0]}.from_pretrained('{out}')")
+        return 0
+    result = convert(loaded, args.to)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
-        if args.to not in ("timm", "hf"):
-            raise UserError(f"--to {args.to} needs a torch file (.pt), not .safetensors: it stores more than weights")
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in result.items()}, str(out))
+        config = loaded.config
+        if args.to == "timm" and loaded.kind == "pretrain" and config["use_shared_rel_pos_bias"]:
+            config = {**config, "use_rel_pos_bias": True, "use_shared_rel_pos_bias": False}  # see to_timm
+        save_safetensors(result, out, config)
     else:
         from fastbeit.checkpoint import atomic_save
 
