@@ -27,6 +27,9 @@ from fastbeit.optim import no_decay_names
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "lm_head.")
+# What fine-tuning creates when a checkpoint lacks it (besides relative position tables, which start at 0;
+# "fpn" are the segmentation backbone's necks).
+CREATED_PREFIXES = ("head.", "fc_norm.", "norm.", "pos_embed", "fpn")
 
 
 class BeitForImageClassification(BeitEncoder):
@@ -352,6 +355,10 @@ def load_pretrained(
     if bad:
         raise UserError(f"pre-trained weights do not fit the model ({'; '.join(bad[:4])})")
     report.missing = sorted(k for k in own if k not in state and not k.endswith("relative_position_index"))
+    lacking = [k for k in report.missing if not (k.startswith(CREATED_PREFIXES) or k.endswith("bias_table"))]
+    if lacking:
+        more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
+        raise UserError(f"the pre-trained weights lack encoder weights: {', '.join(lacking[:4])}{more}")
     report.unused = sorted(k for k in state if k not in own)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return report

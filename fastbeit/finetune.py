@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--finetune", default=None, help="pre-trained checkpoint (fastbeit, unilm, timm or Hugging Face)")
     add("--model", default=None, help=f"one of {', '.join(PRESETS)} (default: the checkpoint's size, else beit_base)")
     add("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16")
+    add("--num_heads", type=int, default=None,
+        help="attention heads of a --finetune checkpoint that records none (no relative position table or config)")
     add("--depth", type=int, default=None, help="override the preset's depth (small experiments)")
     add("--drop_path", type=float, default=0.1)
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale (from scratch only)")
@@ -224,7 +226,8 @@ class FineTuner:
         self.out = Path(args.output)
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.resume_ckpt = self.resume_checkpoint()
-        self.loaded = load_any(args.finetune) if args.finetune and self.resume_ckpt is None else None
+        heads = args.num_heads or (PRESETS[args.model]["num_heads"] if args.model else None)
+        self.loaded = load_any(args.finetune, heads) if args.finetune and self.resume_ckpt is None else None
         if self.loaded is not None:
             self.say(f"loaded {self.loaded.describe()}")
         self.resolve_input_size()

@@ -405,7 +405,7 @@ def infer_config(state: Dict[str, torch.Tensor], known: Optional[Dict[str, Any]]
                  num_heads: Optional[int] = None) -> Dict[str, Any]:
     """BeitConfig fields read off the tensor shapes (our names), overridden by ``known`` (a stored
     or Hugging Face config). The head count comes from a relative position table, ``known`` or
-    ``num_heads``; :class:`UserError` when none of them has it (it is never guessed)."""
+    else ``num_heads``; :class:`UserError` when none of them has it (it is never guessed)."""
     known = dict(known or {})
     try:
         dim = state["cls_token"].shape[-1]
@@ -420,9 +420,9 @@ def infer_config(state: Dict[str, torch.Tensor], known: Optional[Dict[str, Any]]
     from fastbeit.classifier import table_grid
 
     table_heads = table.shape[1] if table is not None else None
-    for source, heads in (("the config", known.get("num_heads")), ("--num_heads", num_heads)):
-        if table_heads is not None and heads is not None and heads != table_heads:
-            raise UserError(f"{source} says {heads} attention heads, the relative position table has {table_heads}")
+    if table_heads is not None and known.get("num_heads") not in (None, table_heads):
+        raise UserError(f"the config says {known['num_heads']} attention heads, the relative position table has "
+                        f"{table_heads}")
     heads = table_heads or known.get("num_heads") or num_heads
     if heads is None:
         raise UserError("the number of attention heads cannot be read off these weights (no relative position "

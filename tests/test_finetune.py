@@ -506,6 +506,15 @@ def test_wrong_checkpoints_are_refused_clearly(folders, tmp_path, capsys):
     torch.save({"encoder.blocks.0.weight": torch.zeros(2), "decoder.x": torch.zeros(1)}, tmp_path / "tok.pt")
     err = run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "tok.pt")), capsys)
     assert "not a BEiT checkpoint" in err and "tokenizer" in err
+    torch.save({"kind": "segmentation", "model": {"backbone.cls_token": torch.zeros(1)}, "config": {}},
+               tmp_path / "seg.pt")
+    err = run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "seg.pt")), capsys)
+    assert f"{tmp_path / 'seg.pt'} is not a BEiT checkpoint" in err and "segmentation checkpoint" in err
+    sd = torch.load(ckpt, weights_only=True)
+    del sd["model"]["blocks.1.mlp.fc2.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    err = run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "partial.pt"), model=False), capsys)
+    assert "partial.pt" in err and "missing: blocks.1.mlp.fc2.weight" in err  # not "newly initialized"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "not a readable checkpoint" in run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "junk.pt")),
                                                     capsys)
