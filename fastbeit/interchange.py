@@ -624,7 +624,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from fastbeit.checkpoint import atomic_save
 
         atomic_save(result, out)
-    print(f"read {loaded.describe()}\nwrote {args.to} weights to {out}")
+    note = " (weights only: give a folder for from_pretrained)" if args.to == "hf" else ""
+    print(f"read {loaded.describe()}\nwrote {args.to} weights to {out}{note}")
     return 0
 
 
