@@ -35,7 +35,9 @@ import torch
 
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError, cli_entry
+from fastbeit.hf_config import config_to_hf, hf_to_config
 from fastbeit.layers import relative_position_index
+from fastbeit.weights_check import check_complete, check_encoder
 
 FORMATS = ("fastbeit", "unilm", "timm", "hf")
 META_KEY = "fastbeit_config"  # our BeitConfig fields, in safetensors metadata or beside a unilm "model"
@@ -357,50 +359,6 @@ def to_ours(fmt: str, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return from_unilm(state)
 
 
-def hf_to_config(hf: Dict[str, Any]) -> Dict[str, Any]:
-    """BeitConfig fields from a Hugging Face ``BeitConfig`` dict."""
-    def first(value: Any) -> int:
-        return int(value[0] if isinstance(value, (list, tuple)) else value)
-
-    dim = int(hf.get("hidden_size", 768))
-    scale = hf.get("layer_scale_init_value", 0.1)
-    return dict(
-        img_size=first(hf.get("image_size", 224)), patch_size=first(hf.get("patch_size", 16)),
-        in_chans=int(hf.get("num_channels", 3)), embed_dim=dim, depth=int(hf.get("num_hidden_layers", 12)),
-        num_heads=int(hf.get("num_attention_heads", 12)), mlp_ratio=int(hf.get("intermediate_size", 4 * dim)) / dim,
-        init_values=scale if scale and scale > 0 else None, layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-        use_abs_pos_emb=bool(hf.get("use_absolute_position_embeddings", False)),
-        use_rel_pos_bias=bool(hf.get("use_relative_position_bias", False)),
-        use_shared_rel_pos_bias=bool(hf.get("use_shared_relative_position_bias", False)),
-        vocab_size=int(hf.get("vocab_size", 8192)),
-    )
-
-
-def config_to_hf(loaded: LoadedCheckpoint) -> Dict[str, Any]:
-    """A Hugging Face ``config.json`` for ``loaded``: every field its architecture depends on."""
-    c, kind = loaded.config, loaded.kind
-    pooling = bool(loaded.use_mean_pooling) if kind == "classifier" else "norm.weight" not in loaded.state_dict
-    arch = {"pretrain": "BeitForMaskedImageModeling", "classifier": "BeitForImageClassification"}.get(kind, "BeitModel")
-    out: Dict[str, Any] = dict(
-        model_type="beit", architectures=[arch], vocab_size=c["vocab_size"], hidden_size=c["embed_dim"],
-        num_hidden_layers=c["depth"], num_attention_heads=c["num_heads"],
-        intermediate_size=int(c["embed_dim"] * c["mlp_ratio"]), hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, initializer_range=c.get("init_std", 0.02),
-        layer_norm_eps=c.get("layer_norm_eps", 1e-6), image_size=c["img_size"], patch_size=c["patch_size"],
-        num_channels=c["in_chans"], use_mask_token="mask_token" in loaded.state_dict,
-        use_absolute_position_embeddings=bool(c["use_abs_pos_emb"]),
-        use_relative_position_bias=bool(c["use_rel_pos_bias"]),
-        use_shared_relative_position_bias=bool(c["use_shared_rel_pos_bias"]),
-        layer_scale_init_value=c["init_values"] or 0.0, drop_path_rate=c.get("drop_path_rate", 0.1),
-        use_mean_pooling=True if kind == "pretrain" else pooling,  # MIM: one final norm, BeitModel's is Identity
-    )
-    if kind == "classifier":
-        names = list(loaded.meta.get("classes") or [])
-        names = names if len(names) == loaded.num_classes else [f"LABEL_{i}" for i in range(loaded.num_classes)]
-        out.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
-    return out
-
-
 def infer_config(state: Dict[str, torch.Tensor], known: Optional[Dict[str, Any]] = None,
                  num_heads: Optional[int] = None) -> Dict[str, Any]:
     """BeitConfig fields read off the tensor shapes (our names), overridden by ``known`` (a stored
@@ -440,70 +398,6 @@ def infer_config(state: Dict[str, torch.Tensor], known: Optional[Dict[str, Any]]
     )
     fields = set(BeitConfig.__dataclass_fields__)
     return {**inferred, **{k: v for k, v in known.items() if k in fields}}
-
-
-def encoder_shapes(c: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
-    """Every encoder weight a model of config ``c`` has, with its shape (our names, no index buffers)."""
-    dim, heads, hidden = c["embed_dim"], c["num_heads"], int(c["embed_dim"] * c["mlp_ratio"])
-    patch, side = c["patch_size"], c["img_size"] // c["patch_size"]
-    table = ((2 * side - 1) ** 2 + 3, heads)
-    out: Dict[str, Tuple[int, ...]] = {"cls_token": (1, 1, dim), "patch_embed.proj.weight": (dim, c["in_chans"],
-                                       patch, patch), "patch_embed.proj.bias": (dim,)}
-    if c["use_abs_pos_emb"]:
-        out["pos_embed"] = (1, side * side + 1, dim)
-    if c["use_shared_rel_pos_bias"]:
-        out[f"rel_pos_bias.{TABLE_SUFFIX}"] = table
-    for i in range(c["depth"]):
-        block = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
-                 "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,), "norm2.weight": (dim,),
-                 "norm2.bias": (dim,), "mlp.fc1.weight": (hidden, dim), "mlp.fc1.bias": (hidden,),
-                 "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)}
-        if c["qkv_bias"]:
-            block.update({"attn.q_bias": (dim,), "attn.v_bias": (dim,)})
-        if c["use_rel_pos_bias"]:
-            block[f"attn.{TABLE_SUFFIX}"] = table
-        if c["init_values"]:
-            block.update({"gamma_1": (dim,), "gamma_2": (dim,)})
-        out.update({f"blocks.{i}.{k}": v for k, v in block.items()})
-    return out
-
-
-def _listing(keys: List[str], limit: int = 4) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def check_encoder(state: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
-    """:class:`UserError` unless ``state`` holds every encoder weight of ``config``, in its shape,
-    and no blocks beyond its depth."""
-    expected = encoder_shapes(config)
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise UserError(f"encoder weights are missing: {_listing(missing)}")
-    bad = [f"{k} {tuple(state[k].shape)} (expected {v})" for k, v in expected.items() if tuple(state[k].shape) != v]
-    if bad:
-        raise UserError(f"encoder weights have the wrong shape: {_listing(bad, 2)}")
-    extra = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")} - set(range(config["depth"])))
-    if extra:
-        raise UserError(f"blocks {extra} lie beyond the depth {config['depth']} of the config")
-
-
-# Beside the encoder: what each kind of checkpoint must hold to convert completely.
-KIND_KEYS = {
-    "pretrain": ("mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"),
-    "classifier": ("head.weight", "head.bias"),
-}
-
-
-def check_complete(loaded: LoadedCheckpoint) -> None:
-    """:class:`UserError` when a pre-training or classifier checkpoint lacks its own top weights."""
-    state = loaded.state_dict
-    needed = list(KIND_KEYS.get(loaded.kind, ()))
-    if loaded.kind == "classifier":
-        needed += ["fc_norm.weight", "fc_norm.bias"] if loaded.use_mean_pooling else ["norm.weight", "norm.bias"]
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise UserError(f"{loaded.path}: this {loaded.kind} checkpoint lacks {_listing(missing)}")
 
 
 def _stored_config(obj: Any, path: Path, hf: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
