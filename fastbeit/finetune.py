@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--depth", type=int, default=None, help="override the preset's depth (small experiments)")
     add("--drop_path", type=float, default=0.1)
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale (from scratch only)")
+    add("--rel_pos_bias", action="store_true", help="one relative position table per layer (the default)")
     add("--disable_rel_pos_bias", action="store_true", help="no per-layer relative position tables")
     add("--disable_weight_decay_on_rel_pos_bias", action="store_true", help="no weight decay on position tables")
     add("--abs_pos_emb", action="store_true", help="add absolute position embeddings")

@@ -397,7 +397,7 @@ def test_learning_rate_is_scaled_from_the_recipe_and_layer_decay_applied(folders
 def test_warmup_starts_at_zero_and_rel_pos_tables_can_skip_weight_decay(folders, tmp_path):
     base, data, ckpt = folders
     trainer, _ = finetune.build_trainer(cli_args(data, tmp_path, "--warmup_epochs", "1", "--warmup_lr", "1e-3",
-                                                 "--disable_weight_decay_on_rel_pos_bias"))
+                                                 "--disable_weight_decay_on_rel_pos_bias", "--rel_pos_bias"))
     assert trainer.lr_schedule[0] == 0.0  # the original parses --warmup_lr but starts at 0
     tables = {id(p) for n, p in trainer.model.named_parameters() if n.endswith("relative_position_bias_table")}
     decays = [g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"] if id(p) in tables]
