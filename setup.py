@@ -38,6 +38,7 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "ruff",
+            "transformers",  # the Hugging Face interchange tests load what --to hf writes with from_pretrained
         ],
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],

@@ -21,11 +21,15 @@ from torch import nn
 
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError
-from fastbeit.layers import init_beit_weights, trunc_normal_
+from fastbeit.layers import init_beit_weights, wide_trunc_normal_
 from fastbeit.model import BeitEncoder
+from fastbeit.optim import no_decay_names
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "lm_head.")
+# What fine-tuning creates when a checkpoint lacks it (besides relative position tables, which start at 0;
+# "fpn" are the segmentation backbone's necks).
+CREATED_PREFIXES = ("head.", "fc_norm.", "norm.", "pos_embed", "fpn")
 
 
 class BeitForImageClassification(BeitEncoder):
@@ -47,11 +51,15 @@ class BeitForImageClassification(BeitEncoder):
         self.reset_parameters(init_scale)
 
     def reset_parameters(self, init_scale: float = 0.001) -> None:
-        """The original init, then the head scaled by ``init_scale`` so fine-tuning starts near zero logits."""
+        """The original fine-tuning model's init (not the pre-training one): timm's wide truncated
+        normal for CLS, positions and Linear weights, the patch-embedding conv at PyTorch's default,
+        the ``sqrt(2·layer)`` rescale; then the head scaled by ``init_scale`` so fine-tuning starts
+        near zero logits."""
         for param in (self.cls_token, self.pos_embed):
             if param is not None:
-                trunc_normal_(param, self.cfg.init_std)
-        init_beit_weights(self, self.cfg.init_std)
+                wide_trunc_normal_(param, self.cfg.init_std)
+        self.patch_embed.proj.reset_parameters()
+        init_beit_weights(self, self.cfg.init_std, finetune=True)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(init_scale)
@@ -131,9 +139,7 @@ def layer_decay_groups(
     ``pos_embed``, ``cls_token``), as in the original fine-tuning code; the relative position
     tables are 2-D and therefore decayed there too.
     """
-    if skip is None:
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    skip = set(skip)
+    skip = set(no_decay_names(model) if skip is None else skip)
     num_layers = model.get_num_layers() if hasattr(model, "get_num_layers") else len(model.blocks)
     scales = layer_scales(num_layers, layer_decay)
     groups: Dict[Tuple[int, bool], Dict] = {}
@@ -349,6 +355,10 @@ def load_pretrained(
     if bad:
         raise UserError(f"pre-trained weights do not fit the model ({'; '.join(bad[:4])})")
     report.missing = sorted(k for k in own if k not in state and not k.endswith("relative_position_index"))
+    lacking = [k for k in report.missing if not (k.startswith(CREATED_PREFIXES) or k.endswith("bias_table"))]
+    if lacking:
+        more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
+        raise UserError(f"the pre-trained weights lack encoder weights: {', '.join(lacking[:4])}{more}")
     report.unused = sorted(k for k in state if k not in own)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return report

@@ -90,14 +90,35 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "beit_large": dict(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
 }
 
+# The original code's model names (pre-training, then fine-tuning), accepted as aliases of the presets;
+# the patch size, image size and vocabulary in the name are what the flags' defaults give.
+ORIGINAL_NAMES: Dict[str, str] = {
+    "beit_base_patch16_224_8k_vocab": "beit_base",
+    "beit_large_patch16_224_8k_vocab": "beit_large",
+    "beit_base_patch16_224": "beit_base",
+    "beit_base_patch16_384": "beit_base",
+    "beit_large_patch16_224": "beit_large",
+    "beit_large_patch16_384": "beit_large",
+    "beit_large_patch16_512": "beit_large",
+}
+
+
+def preset_of(name: str) -> str:
+    """The preset a model name means: a preset itself, or an alias from :data:`ORIGINAL_NAMES`."""
+    name = ORIGINAL_NAMES.get(name, name)
+    if name not in PRESETS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)} (or an original name: "
+                        f"{', '.join(ORIGINAL_NAMES)})")
+    return name
+
+
 # The paper's plain-ViT setting: absolute positions, no LayerScale, no relative position bias.
 PLAIN_VIT = dict(use_abs_pos_emb=True, init_values=None, use_shared_rel_pos_bias=False, use_rel_pos_bias=False)
 
 
 def make_config(name: str, **overrides: Any) -> BeitConfig:
-    """A preset by name with fields overridden (``None`` values are ignored)."""
-    if name not in PRESETS:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    """A preset by name (or an original model name) with fields overridden (``None`` values are ignored)."""
+    name = preset_of(name)
     fields = {f.name for f in dataclasses.fields(BeitConfig)}
     unknown = set(overrides) - fields
     if unknown:

@@ -52,7 +52,7 @@ from fastbeit.cli import (
     tell_non_finite,
     whole_step,
 )
-from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config
+from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, BeitConfig, make_config, preset_of
 from fastbeit.data.classification import (
     DEFAULT_AUTO_AUGMENT,
     MixupCutmix,
@@ -68,7 +68,7 @@ from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
-from fastbeit.optim import build_adamw, cosine_schedule, set_step_values
+from fastbeit.optim import build_adamw, cosine_schedule, no_decay_names, set_step_values
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 REFERENCE_LR, REFERENCE_BATCH = 4e-3, 1024
@@ -91,10 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--finetune", default=None, help="pre-trained checkpoint (fastbeit, unilm, timm or Hugging Face)")
     add("--model", default=None, help=f"one of {', '.join(PRESETS)} (default: the checkpoint's size, else beit_base)")
     add("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16")
+    add("--num_heads", type=int, default=None,
+        help="attention heads of a --finetune checkpoint that records none (no relative position table or config)")
     add("--depth", type=int, default=None, help="override the preset's depth (small experiments)")
     add("--drop_path", type=float, default=0.1)
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale (from scratch only)")
+    add("--rel_pos_bias", action="store_true", help="one relative position table per layer (the default)")
     add("--disable_rel_pos_bias", action="store_true", help="no per-layer relative position tables")
+    add("--disable_weight_decay_on_rel_pos_bias", action="store_true", help="no weight decay on position tables")
     add("--abs_pos_emb", action="store_true", help="add absolute position embeddings")
     add("--rel_pos_interpolation", choices=REL_POS_MODES, default="geometric",
         help="how a --finetune checkpoint's relative position tables are resized to another patch grid: geometric "
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, default=100)
     add("--lr", type=float, default=None, help="default: 4e-3 x total batch / 1024")
     add("--min_lr", type=float, default=1e-6)
-    add("--warmup_lr", type=float, default=1e-6)
+    add("--warmup_lr", type=float, default=1e-6,
+        help="accepted for the original's command lines and unused there too: warmup starts at 0")
     add("--warmup_epochs", type=float, default=20)
     add("--warmup_steps", type=int, default=-1)
     add("--layer_decay", type=float, default=None, help="default 0.65, 0.75 for 24-layer models")
@@ -145,8 +150,8 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("train", "val"):
         if not Path(getattr(args, name)).is_dir():
             raise UserError(f"{name} folder {getattr(args, name)} does not exist (expected <class>/<image> inside)")
-    if args.model is not None and args.model not in PRESETS:
-        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(PRESETS)}")
+    if args.model is not None:
+        args.model = preset_of(args.model)
     return args
 
 
@@ -239,7 +244,8 @@ class FineTuner:
         self.out = Path(args.output)
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.resume_ckpt = self.resume_checkpoint()
-        self.loaded = load_any(args.finetune) if args.finetune and self.resume_ckpt is None else None
+        heads = args.num_heads or (PRESETS[args.model]["num_heads"] if args.model else None)
+        self.loaded = load_any(args.finetune, heads) if args.finetune and self.resume_ckpt is None else None
         if self.loaded is not None:
             self.say(f"loaded {self.loaded.describe()}")
         self.resolve_input_size()
@@ -340,12 +346,14 @@ class FineTuner:
         self.lr = args.lr if args.lr is not None else REFERENCE_LR * total_batch / REFERENCE_BATCH
         if args.layer_decay is None:  # the recipe: 0.65 for Base, 0.75 for Large (24 layers)
             args.layer_decay = 0.75 if self.cfg.depth >= 24 else 0.65
-        groups = layer_decay_groups(self.model, args.weight_decay, args.layer_decay)
+        skip = no_decay_names(self.model, args.disable_weight_decay_on_rel_pos_bias)
+        groups = layer_decay_groups(self.model, args.weight_decay, args.layer_decay, skip)
         self.optimizer = build_adamw(groups, self.lr, args.opt_betas, args.opt_eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
         steps = max(self.steps_per_epoch, 1)
+        # From 0, not --warmup_lr: the original parses that flag but never passes it on.
         self.lr_schedule = cosine_schedule(self.lr, args.min_lr, args.epochs, steps, args.warmup_epochs,
-                                           args.warmup_lr, args.warmup_steps)
+                                           0.0, args.warmup_steps)
         wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
         self.wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, steps)
         self.mixup = MixupCutmix(self.model.num_classes, args.mixup, args.cutmix, args.mixup_prob,

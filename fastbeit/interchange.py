@@ -11,13 +11,20 @@ modules under ``beit.embeddings`` / ``beit.encoder.layer.{i}``.
     torch.save(to_timm(sd), "for_timm.pt")           # timm.create_model("beit_base_patch16_224", ...)
 
     python -m fastbeit.interchange runs/base/checkpoint.pt beit_timm.safetensors --to timm
+    python -m fastbeit.interchange runs/base/checkpoint.pt beit_hf --to hf   # a from_pretrained folder
+
+The head count and depth are never guessed: they come from a relative position table, a config
+(fastbeit's, a Hugging Face ``config.json``, or the ``fastbeit_config`` metadata this module writes
+into every file it makes) or ``--num_heads``. Missing encoder weights are an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -26,13 +33,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from fastbeit.checkpoint import load_failure
 from fastbeit.config import BeitConfig
 from fastbeit.errors import UserError, cli_entry
+from fastbeit.hf_config import config_to_hf, hf_to_config
 from fastbeit.layers import relative_position_index
 from fastbeit.validate import check_output_file
+from fastbeit.weights_check import check_complete, check_encoder
 
 FORMATS = ("fastbeit", "unilm", "timm", "hf")
+META_KEY = "fastbeit_config"  # our BeitConfig fields, in safetensors metadata or beside a unilm "model"
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.weight$")
 INDEX_SUFFIX = "relative_position_index"
 TABLE_SUFFIX = "relative_position_bias_table"
@@ -227,6 +239,26 @@ class LoadedCheckpoint:
                 f"{c['num_heads']} heads, patch {c['patch_size']}, {c['img_size']} px")
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """The first non-empty line of an error text, without terminal colour codes, at most ``limit`` long."""
+    lines = [line.strip() for line in ANSI.sub("", text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _unpickling_error(path: Path, exc: Exception) -> UserError:
+    """One line for torch's multi-line weights-only refusal: what the file holds, and what to do."""
+    text = ANSI.sub("", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found is None:
+        return UserError(f"{path} is not a readable checkpoint (neither a torch file of weights nor safetensors)")
+    if "dall_e" in found.group(1):
+        return UserError(f"{path} is DALL-E's pickled tokenizer ({found.group(1)}), not BEiT weights (pre-training "
+                         "takes it as --tokenizer)")
+    return UserError(f"{path} pickles Python objects ({found.group(1)}), not only weights; fastbeit never runs a "
+                     "file's code: re-save its state_dict")
+
+
 def read_file(path: str | Path) -> Any:
     """Load a ``.safetensors`` file or a torch pickle (weights only; the original code's
     ``argparse.Namespace`` args are allowed)."""
@@ -242,7 +274,44 @@ def read_file(path: str | Path) -> Any:
         with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({load_failure(exc)})") from None
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise _unpickling_error(path, exc) from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {one_line(str(exc))})") from None
+
+
+def read_metadata(path: Path) -> Dict[str, Any]:
+    """The config this module stored in a ``.safetensors`` header (``{}`` when there is none)."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(META_KEY)
+    return json.loads(text) if text else {}
+
+
+def read_hf_folder(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A ``save_pretrained`` folder: its weights (one file or shards) and its ``config.json``."""
+    config_file = path / HF_CONFIG
+    if not config_file.is_file():
+        raise UserError(f"{path} is a folder without {HF_CONFIG}: expected a Hugging Face save_pretrained folder")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_file} is not readable JSON ({one_line(str(exc))})") from None
+    if hf.get("model_type", "beit") != "beit":
+        raise UserError(f"{path} holds a {hf['model_type']!r} model, not BEiT")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index_name).is_file():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            state: Dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_file(path / shard))
+            return state, hf
+    for name in (HF_WEIGHTS, "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_file(path / name), hf
+    raise UserError(f"{path} has {HF_CONFIG} but no {HF_WEIGHTS} or pytorch_model.bin")
 
 
 def _tensors(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
@@ -255,6 +324,9 @@ def detect_format(obj: Any) -> Tuple[str, Dict[str, torch.Tensor]]:
     """(format, state dict in that format's names) of a loaded file; :class:`UserError` if it holds no BEiT."""
     if not isinstance(obj, dict):
         raise UserError(f"expected a dict of weights, found a {type(obj).__name__}")
+    if obj.get("kind") == "segmentation":
+        raise UserError("it is a fastbeit segmentation checkpoint (UperNet on a BEiT backbone), not a BEiT "
+                        "pre-training or classification one.")
     if isinstance(obj.get("config"), dict) and _tensors(obj.get("model")) is not None:
         return "fastbeit", obj["model"]
     wrapped = None
@@ -288,9 +360,12 @@ def to_ours(fmt: str, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return from_unilm(state)
 
 
-def infer_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """BeitConfig fields read off the tensor shapes (our names). Without any relative position
-    table the head count cannot be seen: 64-wide heads are assumed."""
+def infer_config(state: Dict[str, torch.Tensor], known: Optional[Dict[str, Any]] = None,
+                 num_heads: Optional[int] = None) -> Dict[str, Any]:
+    """BeitConfig fields read off the tensor shapes (our names), overridden by ``known`` (a stored
+    or Hugging Face config). The head count comes from a relative position table, ``known`` or
+    else ``num_heads``; :class:`UserError` when none of them has it (it is never guessed)."""
+    known = dict(known or {})
     try:
         dim = state["cls_token"].shape[-1]
         proj = state["patch_embed.proj.weight"]
@@ -303,39 +378,61 @@ def infer_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     table = per_layer if per_layer is not None else shared
     from fastbeit.classifier import table_grid
 
+    table_heads = table.shape[1] if table is not None else None
+    if table_heads is not None and known.get("num_heads") not in (None, table_heads):
+        raise UserError(f"the config says {known['num_heads']} attention heads, the relative position table has "
+                        f"{table_heads}")
+    heads = table_heads or known.get("num_heads") or num_heads
+    if heads is None:
+        raise UserError("the number of attention heads cannot be read off these weights (no relative position "
+                        "table, no config): give it with --num_heads")
     if table is not None:
-        heads, side = table.shape[1], table_grid(table.shape[0])[0]
+        side = table_grid(table.shape[0])[0]
     else:
-        heads = max(1, dim // 64)
         side = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // proj.shape[-1]
-    return dict(
+    inferred = dict(
         img_size=side * proj.shape[-1], patch_size=proj.shape[-1], in_chans=proj.shape[1], embed_dim=dim,
         depth=depth, num_heads=heads, mlp_ratio=hidden / dim, qkv_bias="blocks.0.attn.q_bias" in state,
         init_values=0.1 if "blocks.0.gamma_1" in state else None, use_abs_pos_emb="pos_embed" in state,
         use_rel_pos_bias=per_layer is not None, use_shared_rel_pos_bias=per_layer is None and shared is not None,
         vocab_size=state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 8192,
     )
+    fields = set(BeitConfig.__dataclass_fields__)
+    return {**inferred, **{k: v for k, v in known.items() if k in fields}}
 
 
-def load_any(path: str | Path) -> LoadedCheckpoint:
-    """Read a BEiT checkpoint in any supported format into our names, and say what it is."""
-    obj = read_file(path)
+def _stored_config(obj: Any, path: Path, hf: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The config a file carries: a Hugging Face folder's, fastbeit's own, or our metadata."""
+    if hf is not None:
+        return hf_to_config(hf)
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        return obj["config"]
+    if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
+        return obj[META_KEY]
+    return read_metadata(path) or None
+
+
+def load_any(path: str | Path, num_heads: Optional[int] = None) -> LoadedCheckpoint:
+    """Read a BEiT checkpoint in any supported format (a file, or a Hugging Face folder) into our
+    names, and say what it is. ``num_heads`` is used only when the file records none."""
+    path = Path(path)
+    hf = None
+    if path.is_dir():
+        obj, hf = read_hf_folder(path)
+    else:
+        obj = read_file(path)
     try:
         fmt, raw = detect_format(obj)
     except UserError as exc:
-        raise UserError(f"{path} is not a BEiT checkpoint: {exc} Expected a fastbeit checkpoint or an original "
-                        "unilm, timm or Hugging Face BEiT state dict.") from None
-    state = to_ours(fmt, raw)
-    inferred = infer_config(state)
-    config = inferred
-    if fmt == "fastbeit":
-        stored = obj["config"]
-        known = {f for f in BeitConfig.__dataclass_fields__}
-        config = {**inferred, **{k: v for k, v in stored.items() if k in known}}
+        raise UserError(f"{path} is not a BEiT checkpoint: {exc} Expected a fastbeit checkpoint, a Hugging Face "
+                        "folder or an original unilm, timm or Hugging Face BEiT state dict.") from None
     try:
+        state = to_ours(fmt, raw)
+        config = infer_config(state, _stored_config(obj, path, hf), num_heads)
         BeitConfig(**config)
+        check_encoder(state, config)
     except (UserError, TypeError) as exc:
-        raise UserError(f"{path}: the weights describe no valid model ({exc})") from None
+        raise UserError(f"{path}: {exc}") from None
     if "lm_head.weight" in state or "mask_token" in state:
         kind = "pretrain"
     elif "head.weight" in state:
@@ -345,6 +442,8 @@ def load_any(path: str | Path) -> LoadedCheckpoint:
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else None
     pooling = ("fc_norm.weight" in state) if kind == "classifier" else None
     meta = {k: obj[k] for k in ("classes", "epoch", "acc1") if isinstance(obj, dict) and k in obj}
+    if hf is not None and kind == "classifier" and hf.get("id2label"):
+        meta["classes"] = [hf["id2label"][k] for k in sorted(hf["id2label"], key=int)]
     return LoadedCheckpoint(str(path), fmt, state, config, kind, num_classes, pooling, meta)
 
 
@@ -360,37 +459,69 @@ def convert(loaded: LoadedCheckpoint, to: str) -> Dict[str, Any]:
     if to == "hf":
         return to_hf(state)
     if to == "unilm":
-        return {"model": state}
+        return {"model": state, META_KEY: loaded.config}
     out: Dict[str, Any] = {"model": state, "config": loaded.config}
     if loaded.kind == "classifier":
         out.update(num_classes=loaded.num_classes, use_mean_pooling=loaded.use_mean_pooling)
     return out
 
 
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, config: Dict[str, Any]) -> None:
+    """Weights with ``format: pt`` (what ``from_pretrained`` checks) and our config as metadata."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", META_KEY: json.dumps(config)})
+
+
+def write_hf_folder(loaded: LoadedCheckpoint, folder: Path) -> None:
+    """A ``save_pretrained``-style folder: ``config.json`` and ``model.safetensors``."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; --to hf writes a folder (config.json + {HF_WEIGHTS})")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(to_hf(loaded.state_dict), folder / HF_WEIGHTS, loaded.config)
+    (folder / HF_CONFIG).write_text(json.dumps(config_to_hf(loaded), indent=2) + "\n")
+
+
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastbeit.interchange",
                                      description="Convert a BEiT checkpoint (any supported format) to another format.")
-    parser.add_argument("input", help="fastbeit, unilm, timm or Hugging Face weights (.pt/.pth/.bin/.safetensors)")
-    parser.add_argument("output", help="where to write (.safetensors for a flat state dict, else a torch file)")
+    parser.add_argument("input", help="fastbeit, unilm, timm or Hugging Face weights (.pt/.pth/.bin/.safetensors), "
+                        "or a Hugging Face save_pretrained folder")
+    parser.add_argument("output", help="--to hf: a folder for from_pretrained (config.json + model.safetensors), or a "
+                        "weights-only .safetensors/.bin file; other formats: a file (.safetensors for timm)")
     parser.add_argument("--to", choices=FORMATS, required=True)
+    parser.add_argument("--num_heads", "--num-heads", type=int, default=None,
+                        help="attention heads, for weights that record none (no relative position table or config)")
     args = parser.parse_args(argv)
     check_output_file(args.output, "output", folder_ok=args.to == "hf")  # hf may be written as a folder
-    loaded = load_any(args.input)
-    result = convert(loaded, args.to)
     out = Path(args.output)
+    as_folder = args.to == "hf" and out.suffix not in WEIGHT_SUFFIXES
+    if not as_folder and (out.is_dir() or args.output.endswith(("/", os.sep))):
+        raise UserError(f"{out} is a folder; --to {args.to} writes one file: give a file name")
+    if out.suffix == ".safetensors" and args.to not in ("timm", "hf"):
+        raise UserError(f"--to {args.to} needs a torch file (.pt), not .safetensors: it stores more than weights")
+    loaded = load_any(args.input, args.num_heads)
+    check_complete(loaded)
+    if as_folder:
+        write_hf_folder(loaded, out)
+        print(f"read {loaded.describe()}\nwrote a Hugging Face folder {out} ({HF_CONFIG} + {HF_WEIGHTS}): "
+              f"transformers.{config_to_hf(loaded)['architectures'][0]}.from_pretrained('{out}')")
+        return 0
+    result = convert(loaded, args.to)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
-        if args.to not in ("timm", "hf"):
-            raise UserError(f"--to {args.to} needs a torch file (.pt), not .safetensors: it stores more than weights")
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in result.items()}, str(out))
+        config = loaded.config
+        if args.to == "timm" and loaded.kind == "pretrain" and config["use_shared_rel_pos_bias"]:
+            config = {**config, "use_rel_pos_bias": True, "use_shared_rel_pos_bias": False}  # see to_timm
+        save_safetensors(result, out, config)
     else:
         from fastbeit.checkpoint import atomic_save
 
         atomic_save(result, out)
-    print(f"read {loaded.describe()}\nwrote {args.to} weights to {out}")
+    note = " (weights only: give a folder for from_pretrained)" if args.to == "hf" else ""
+    print(f"read {loaded.describe()}\nwrote {args.to} weights to {out}{note}")
     return 0
 
 

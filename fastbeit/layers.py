@@ -95,7 +95,8 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 → GELU → fc2 (dropout after each, 0 by default)."""
+    """fc1 → GELU → fc2 → dropout (0 by default). One dropout, after fc2, as the original: its
+    dropout after the activation is commented out to follow the original BERT."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -105,7 +106,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
 class PatchEmbed(nn.Module):
@@ -134,13 +135,23 @@ def qkv_projection(x: torch.Tensor, weight: torch.Tensor, q_bias, v_bias) -> tor
     return F.linear(x, weight, bias)
 
 
-def init_beit_weights(model: nn.Module, std: float) -> None:
+def wide_trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal(0, std) cut at the absolute values ±2 (timm's ``trunc_normal_`` defaults, which the
+    original fine-tuning model uses: for std 0.02 the cut is 100σ away, so in effect untruncated)."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)
+
+
+def init_beit_weights(model: nn.Module, std: float, finetune: bool = False) -> None:
     """The original init: truncated normal (±1σ) for Linear/Conv weights, zero biases,
     LayerNorm (1, 0); then each block's ``attn.proj`` and ``mlp.fc2`` weights divided by
-    ``sqrt(2·layer)`` (1-based)."""
+    ``sqrt(2·layer)`` (1-based).
+
+    ``finetune=True`` is the original fine-tuning model's variant: Linear weights from
+    :func:`wide_trunc_normal_`, Conv2d layers (the patch embedding) left at PyTorch's default init.
+    """
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            trunc_normal_(module.weight, std)
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and not finetune):
+            (wide_trunc_normal_ if finetune else trunc_normal_)(module.weight, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):

@@ -10,28 +10,36 @@ import torch
 from torch import nn
 
 
+def no_decay_names(model: nn.Module, rel_pos_bias: bool = False) -> set:
+    """Names kept out of weight decay besides 1-D tensors and biases: the model's
+    ``no_weight_decay()`` (pos_embed, cls_token), plus every relative position table with
+    ``rel_pos_bias`` (the original's ``--disable_weight_decay_on_rel_pos_bias``)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if rel_pos_bias:
+        skip |= {name for name, _ in model.named_parameters() if name.endswith("relative_position_bias_table")}
+    return skip
+
+
 def decay_groups(
     model: nn.Module, weight_decay: float, skip: Optional[Iterable[str]] = None
 ) -> List[Dict]:
     """Two parameter groups as in the original code: no decay for 1-D tensors, biases and the
-    names in ``skip`` (the model's ``no_weight_decay()``: pos_embed, cls_token); decay for the
+    names in ``skip`` (default :func:`no_decay_names`: pos_embed, cls_token); decay for the
     rest, including mask_token and the shared relative position bias table."""
-    if skip is None:
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    skip = set(skip)
+    skip = set(no_decay_names(model) if skip is None else skip)
     decay, no_decay = [], []
-    decay_names, no_decay_names = [], []
+    decay_names, kept_names = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if param.ndim == 1 or name.endswith(".bias") or name in skip:
             no_decay.append(param)
-            no_decay_names.append(name)
+            kept_names.append(name)
         else:
             decay.append(param)
             decay_names.append(name)
     return [
-        {"params": no_decay, "weight_decay": 0.0, "param_names": no_decay_names},
+        {"params": no_decay, "weight_decay": 0.0, "param_names": kept_names},
         {"params": decay, "weight_decay": weight_decay, "param_names": decay_names},
     ]
 

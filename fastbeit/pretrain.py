@@ -59,7 +59,7 @@ from fastbeit.errors import UserError, cli_entry
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
 from fastbeit.model import BeitForMaskedImageModeling
-from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, set_step_values
+from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, no_decay_names, set_step_values
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 TOKENIZER_DOWNSAMPLE = 8
@@ -97,13 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="data loader: dali decodes and augments on the GPU; auto = dali on CUDA when installed, else torch")
     del g
 
-    add("--model", default=None, help=f"one of {', '.join(PRESETS)}")
+    add("--model", default=None,
+        help=f"one of {', '.join(PRESETS)} or an original name (e.g. beit_base_patch16_224_8k_vocab)")
     add("--patch_size", type=int, default=16)
     add("--depth", type=int, default=None, help="override the preset's depth (small experiments)")
     add("--drop_path", type=float, default=0.1)
     add("--layer_scale_init_value", type=float, default=0.1, help="0 disables LayerScale")
-    add("--rel_pos_bias", action="store_true", help="one relative position table per layer")
+    # Position-bias flags with the original pre-training script's meanings (DESIGN.md §3).
+    add("--rel_pos_bias", action="store_true", help="one relative position table shared by all layers (the default)")
+    add("--disable_rel_pos_bias", action="store_true", help="no relative position bias at all")
+    add("--per_layer_rel_pos_bias", action="store_true", help="one relative position table per layer instead")
     add("--disable_shared_rel_pos_bias", action="store_true", help="no shared relative position table")
+    add("--disable_weight_decay_on_rel_pos_bias", action="store_true", help="no weight decay on position tables")
     add("--abs_pos_emb", action="store_true", help="absolute position embedding")
     add("--attn", choices=ATTN_BACKENDS, default="auto", help="attention backend")
     add("--kernels", choices=KERNEL_IMPLS, default="auto", help="fused Triton kernels or references")
@@ -112,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile_mode", choices=COMPILE_MODES, default="default",
         help="torch.compile mode; reduce-overhead replays the step as CUDA graphs")
 
-    add("--tokenizer", default=None,
-        help="tokenizer: a fastbeit .safetensors file or DALL-E's encoder.pkl (unpickled: only a file you trust); "
-        "default: the small one shipped in the package")
+    add("--tokenizer", "--discrete_vae_weight_path", default=None,
+        help="tokenizer: a fastbeit .safetensors file, DALL-E's encoder.pkl or a folder holding it (unpickled: only "
+        "a file you trust); default: the small one shipped in the package")
+    add("--discrete_vae_type", choices=("dall-e",), default="dall-e", help="the original's flag (DALL-E's is read)")
 
     add("--target", choices=("tokens", "pixels"), default="tokens",
         help="what masked patches predict: visual tokens (BEiT) or normalized pixels (the paper's ablation)")
@@ -193,8 +199,9 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImage
         patch_size=args.patch_size,
         drop_path_rate=args.drop_path,
         init_values=args.layer_scale_init_value,
-        use_rel_pos_bias=args.rel_pos_bias,
-        use_shared_rel_pos_bias=not (args.disable_shared_rel_pos_bias or args.rel_pos_bias),
+        use_rel_pos_bias=args.per_layer_rel_pos_bias and not args.disable_rel_pos_bias,
+        use_shared_rel_pos_bias=not (args.disable_rel_pos_bias or args.disable_shared_rel_pos_bias
+                                     or args.per_layer_rel_pos_bias),
         use_abs_pos_emb=args.abs_pos_emb,
         vocab_size=vocab_size,
         attn_backend=args.attn,
@@ -208,6 +215,8 @@ def build_tokenizer(spec: Optional[str], device: torch.device):
     """The frozen tokenizer: ours (.safetensors) or DALL-E's pickled ``encoder.pkl``."""
     from fastbeit.tokenizer.dvae import load_tokenizer
 
+    if spec is not None and Path(spec).is_dir():  # the original's --discrete_vae_weight_path folder
+        spec = str(Path(spec) / "encoder.pkl")
     tok = load_tokenizer(spec).eval().requires_grad_(False).to(device)
     if device.type == "cuda":
         tok = tok.to(memory_format=torch.channels_last)  # its convolutions run faster NHWC under bf16
@@ -342,7 +351,8 @@ class Trainer:
         self.lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, self.steps_per_epoch,
                                            args.warmup_epochs, args.warmup_lr, args.warmup_steps)
         self.wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, self.steps_per_epoch)
-        self.optimizer = build_adamw(decay_groups(self.model, args.weight_decay), args.lr,
+        skip = no_decay_names(self.model, args.disable_weight_decay_on_rel_pos_bias)
+        self.optimizer = build_adamw(decay_groups(self.model, args.weight_decay, skip), args.lr,
                                      args.opt_betas, args.opt_eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0

@@ -45,3 +45,27 @@ def free_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return str(sock.getsockname()[1])
+
+
+def import_transformers():
+    """Hugging Face ``transformers`` with its BEiT classes loaded, or a skip.
+
+    transformers imports the ``kernels`` package (a dependency of it) when BEiT's modules load;
+    this repository's own ``kernels/`` folder, on ``sys.path`` as the working directory under
+    ``python -m pytest``, must not stand in for it while they do.
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or ".")) != root]
+    try:
+        transformers = pytest.importorskip("transformers")
+        transformers.BeitForImageClassification  # noqa: B018  (loads modeling_beit and its imports)
+        return transformers
+    finally:
+        sys.path[:] = saved

@@ -85,7 +85,7 @@ def test_classifier_shapes_pooling_and_head_init():
     assert model.forward_features(x).shape == (2, 48)
     assert model.forward_features(x, return_block=1).shape == (2, 48)
     torch.testing.assert_close(model.head.weight, unscaled.head.weight * 0.001, rtol=0, atol=0)
-    assert model.head.weight.abs().max() <= 0.02 * 0.001 and not model.head.bias.any()
+    assert model.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.2) and not model.head.bias.any()
     keys = model.state_dict().keys()
     assert "fc_norm.weight" in keys and "norm.weight" not in keys
     assert "blocks.1.attn.relative_position_bias_table" in keys
@@ -93,6 +93,28 @@ def test_classifier_shapes_pooling_and_head_init():
     assert "norm.weight" in cls_model.state_dict() and "fc_norm.weight" not in cls_model.state_dict()
     with pytest.raises(UserError, match="out of range"):
         model.forward_features(x, return_block=3)
+
+
+def test_from_scratch_init_is_the_original_fine_tuning_models():
+    """timm's Beit is built like the original fine-tuning model: the same init statistics per weight."""
+    beit = pytest.importorskip("timm.models.beit")
+    cfg = make_config("beit_small", img_size=64, patch_size=8, depth=4, **PER_LAYER)
+    torch.manual_seed(0)
+    ours = BeitForImageClassification(cfg, num_classes=10)
+    theirs = beit.Beit(img_size=64, patch_size=8, embed_dim=384, depth=4, num_heads=6, num_classes=10,
+                       init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True)
+    own = dict(ours.named_parameters())
+    assert set(own) == {n for n, _ in theirs.named_parameters()}
+    for name, param in theirs.named_parameters():
+        if param.std() > 0:
+            assert own[name].std().item() == pytest.approx(param.std().item(), rel=0.1), name
+        else:
+            assert torch.equal(own[name], param), name
+    fc1 = ours.blocks[0].mlp.fc1.weight
+    assert fc1.std().item() == pytest.approx(0.02, rel=0.02) and fc1.abs().max() > 0.06  # not cut at ±1σ
+    assert ours.blocks[3].attn.proj.weight.std().item() == pytest.approx(0.02 / 8**0.5, rel=0.05)
+    conv = ours.patch_embed.proj  # PyTorch's default: uniform ±1/sqrt(fan_in), a non-zero bias
+    assert conv.weight.abs().max() <= (3 * 8 * 8) ** -0.5 and conv.bias.abs().sum() > 0
 
 
 def test_intermediate_block_features_are_mean_patch_tokens():
@@ -274,7 +296,13 @@ def test_transforms_shapes_and_rand_augment_spec():
     assert build_eval_transform(32)(img).shape == (3, 32, 32)
     assert [type(t).__name__ for t in build_eval_transform(32).transforms[:2]] == ["Resize", "CenterCrop"]
     assert build_eval_transform(32).transforms[0].size == 36  # 32 / 0.875
-    assert type(build_eval_transform(384).transforms[0]).__name__ == "Resize"
+    # from 384 px: the short side resized to the size, then a centre crop (never a squash)
+    wide = np.zeros((100, 200, 3), dtype=np.uint8)
+    wide[:, :50, 0] = 255  # a red band on the left that a centre crop removes and a squash keeps
+    wide[:, 50:, 2] = 255
+    out = build_eval_transform(384)(Image.fromarray(wide))
+    assert out.shape == (3, 384, 384) and out[0].max() < 0  # no red left (normalized: -1 where 0)
+    assert build_eval_transform(384).transforms[0].size == 384
     # timm's RandAugment with create_transform's hyper-parameters: the original recipe's op set
     aug = parse_auto_augment("rand-m9-mstd0.5-inc1", input_size=32)
     assert aug.num_layers == 2 and len(aug.ops) == 15
@@ -364,6 +392,16 @@ def test_learning_rate_is_scaled_from_the_recipe_and_layer_decay_applied(folders
     assert trainer.steps_per_epoch == 2
     scales = sorted({g["lr_scale"] for g in trainer.optimizer.param_groups})
     assert scales == pytest.approx([0.65**3, 0.65**2, 0.65, 1.0])
+
+
+def test_warmup_starts_at_zero_and_rel_pos_tables_can_skip_weight_decay(folders, tmp_path):
+    base, data, ckpt = folders
+    trainer, _ = finetune.build_trainer(cli_args(data, tmp_path, "--warmup_epochs", "1", "--warmup_lr", "1e-3",
+                                                 "--disable_weight_decay_on_rel_pos_bias", "--rel_pos_bias"))
+    assert trainer.lr_schedule[0] == 0.0  # the original parses --warmup_lr but starts at 0
+    tables = {id(p) for n, p in trainer.model.named_parameters() if n.endswith("relative_position_bias_table")}
+    decays = [g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"] if id(p) in tables]
+    assert decays == [0.0, 0.0]  # one table per layer, none decayed (the original decays them by default)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -468,6 +506,15 @@ def test_wrong_checkpoints_are_refused_clearly(folders, tmp_path, capsys):
     torch.save({"encoder.blocks.0.weight": torch.zeros(2), "decoder.x": torch.zeros(1)}, tmp_path / "tok.pt")
     err = run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "tok.pt")), capsys)
     assert "not a BEiT checkpoint" in err and "tokenizer" in err
+    torch.save({"kind": "segmentation", "model": {"backbone.cls_token": torch.zeros(1)}, "config": {}},
+               tmp_path / "seg.pt")
+    err = run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "seg.pt")), capsys)
+    assert f"{tmp_path / 'seg.pt'} is not a BEiT checkpoint" in err and "segmentation checkpoint" in err
+    sd = torch.load(ckpt, weights_only=True)
+    del sd["model"]["blocks.1.mlp.fc2.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    err = run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "partial.pt"), model=False), capsys)
+    assert "partial.pt" in err and "missing: blocks.1.mlp.fc2.weight" in err  # not "newly initialized"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "not a readable checkpoint" in run_error(cli_args(data, tmp_path, "--finetune", str(tmp_path / "junk.pt")),
                                                     capsys)

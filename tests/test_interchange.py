@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
+from helpers import import_transformers
 from safetensors.torch import save_file
 
 from fastbeit.checkpoint import load_model_state
-from fastbeit.classifier import BeitForImageClassification
+from fastbeit.classifier import BeitForImageClassification, load_pretrained
 from fastbeit.config import make_config
 from fastbeit.errors import UserError
 from fastbeit.interchange import from_hf, from_timm, from_unilm, infer_config, load_any, to_hf, to_timm
@@ -199,3 +201,144 @@ def test_a_bare_hf_beit_model_is_recognized(tmp_path):
     loaded = load_any(tmp_path / "bare.safetensors")
     assert loaded.format == "hf" and loaded.kind == "encoder"
     assert_same(loaded.state_dict, sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face folders, head counts, missing weights and errors (real transformers / timm classes)
+
+
+def save_fastbeit(model: torch.nn.Module, path, **extra) -> str:
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict(), **extra}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("which", ["pretraining", "classifier", "classifier_cls", "classifier_abs"])
+def test_hf_folder_loads_with_from_pretrained_and_gives_the_same_logits(which, tmp_path, capsys):
+    transformers = import_transformers()
+    from fastbeit import interchange
+
+    model = {"pretraining": pretraining, "classifier": classifier,
+             "classifier_cls": lambda: classifier(use_mean_pooling=False),
+             "classifier_abs": lambda: classifier(use_abs_pos_emb=True, use_rel_pos_bias=False)}[which]()
+    extra = {"num_classes": 10, "classes": [f"c{i}" for i in range(10)]} if which != "pretraining" else {}
+    ckpt = save_fastbeit(model, tmp_path / "ours.pt", **extra)
+    folder = tmp_path / "hf_out"  # no suffix: a folder, as save_pretrained writes
+    assert interchange.main([ckpt, str(folder), "--to", "hf"]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    config = json.loads((folder / "config.json").read_text())
+    assert config["layer_norm_eps"] == 1e-6 and config["num_attention_heads"] == 3 and config["hidden_size"] == 48
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        if which == "pretraining":
+            assert config["use_shared_relative_position_bias"] and config["use_mask_token"]
+            hf = transformers.BeitForMaskedImageModeling.from_pretrained(folder).eval()
+            mask = torch.rand(2, 64) < 0.4
+            expected, got = model(x, mask, return_all_tokens=True), hf(pixel_values=x, bool_masked_pos=mask).logits
+        else:
+            assert config["id2label"]["3"] == "c3" and config["use_mean_pooling"] == (which != "classifier_cls")
+            hf = transformers.BeitForImageClassification.from_pretrained(folder).eval()
+            expected, got = model(x), hf(pixel_values=x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert expected.abs().max() > 0.1
+    back = load_any(folder)  # and the folder reads back as it was
+    assert back.format == "hf" and back.config["num_heads"] == 3
+    assert_same(back.state_dict, model.state_dict())
+    if which != "pretraining":
+        assert back.meta["classes"][3] == "c3"
+
+
+def test_a_save_pretrained_folder_is_read_with_its_config(tmp_path):
+    """Heads 8 wide, no relative position table: only config.json knows the head count."""
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    hf_config = transformers.BeitConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8,
+        use_absolute_position_embeddings=True, use_relative_position_bias=False, layer_norm_eps=1e-6, num_labels=5)
+    hf = randomized(transformers.BeitForImageClassification(hf_config))
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_any(tmp_path / "hf")
+    assert (loaded.config["num_heads"], loaded.config["depth"], loaded.kind) == (4, 2, "classifier")
+    cfg = make_config("beit_tiny", **{k: loaded.config[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio",
+                      "img_size", "patch_size", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
+                      "init_values", "layer_norm_eps")})
+    ours = BeitForImageClassification(cfg, 5).eval()
+    load_model_state(ours, loaded.state_dict, "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_head_count_is_never_guessed(tmp_path, capsys):
+    """A timm BEiT with 12-wide heads and no relative position table: refused without a head count."""
+    from fastbeit import interchange
+
+    timm_beit = pytest.importorskip("timm.models.beit")
+    theirs = randomized(timm_beit.Beit(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=4, num_classes=10,
+                                       init_values=0.1, use_abs_pos_emb=True, use_rel_pos_bias=False))
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    with pytest.raises(UserError, match="number of attention heads"):
+        load_any(tmp_path / "timm.safetensors")
+    loaded = load_any(tmp_path / "timm.safetensors", num_heads=4)
+    ours = BeitForImageClassification(make_config("beit_tiny", **{**TINY, **loaded.config, "drop_path_rate": 0.0}),
+                                      10).eval()
+    load_model_state(ours, loaded.state_dict, "timm")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    stored = classifier()
+    stored.cfg.num_heads = 4  # a config that contradicts the table is refused
+    with pytest.raises(UserError, match="config says 4 attention heads, the relative position table has 3"):
+        load_any(save_fastbeit(stored, tmp_path / "c.pt"))
+    # what fastbeit writes records its head count: the converted file needs no flag
+    out = tmp_path / "again.safetensors"
+    assert interchange.main([str(tmp_path / "timm.safetensors"), str(out), "--to", "timm", "--num_heads", "4"]) == 0
+    assert load_any(out).config["num_heads"] == 4
+    torch.save(interchange.convert(loaded, "unilm"), tmp_path / "unilm.pth")
+    assert load_any(tmp_path / "unilm.pth").config["num_heads"] == 4
+    with pytest.raises(SystemExit):
+        interchange.main([str(tmp_path / "timm.safetensors"), str(tmp_path / "x.safetensors"), "--to", "timm"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--num_heads" in err
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("blocks.1.mlp.fc2.weight", "missing: blocks.1.mlp.fc2.weight"),
+    ("blocks.0.attn.qkv.weight", "missing: blocks.0.attn.qkv.weight"),
+    ("blocks.1.", "missing: blocks.1.norm1.weight"),  # the last layer: depth comes from the stored config
+])
+def test_missing_encoder_weights_are_refused(drop, message, tmp_path):
+    model = classifier()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}
+    torch.save({"model": sd, "config": model.cfg.to_dict()}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match=message):
+        load_any(tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="lack encoder weights"):  # and when loaded for fine-tuning directly
+        load_pretrained(BeitForImageClassification(model.cfg, 10), sd)
+
+
+def test_conversion_refuses_a_pretraining_file_without_its_head(tmp_path, capsys):
+    from fastbeit import interchange
+
+    model = pretraining()
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save({"model": sd, "config": model.cfg.to_dict()}, tmp_path / "pre.pt")
+    with pytest.raises(SystemExit):
+        interchange.main([str(tmp_path / "pre.pt"), str(tmp_path / "hf"), "--to", "hf"])
+    assert "lacks lm_head.weight" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    with pytest.raises(SystemExit):  # a folder is not a file name for the one-file formats
+        interchange.main([str(tmp_path / "pre.pt"), str(tmp_path), "--to", "timm"])
+    assert "give a file name" in capsys.readouterr().err
+
+
+def test_errors_about_foreign_files_are_one_line(tmp_path, capsys):
+    from fastbeit import interchange
+
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled object, not weights
+    torch.save({"kind": "segmentation", "model": {"backbone.cls_token": torch.zeros(1)}, "config": {}},
+               tmp_path / "seg.pt")
+    for name, words in (("module.pt", "torch.nn.modules.linear.Linear"), ("seg.pt", "segmentation checkpoint")):
+        with pytest.raises(SystemExit):
+            interchange.main([str(tmp_path / name), str(tmp_path / "out.pt"), "--to", "fastbeit"])
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}") and words in err and err.count("\n") == 1, err
+        assert "\x1b" not in err and "weights_only" not in err and "Please file" not in err

@@ -105,6 +105,20 @@ def test_drop_path_is_linear_over_depth():
     assert all(math.isclose(b - a, 0.1 / 11, rel_tol=1e-4) for a, b in zip(rates, rates[1:]))
 
 
+def test_mlp_applies_dropout_once_after_fc2():
+    """The original comments out the dropout after the activation (as in BERT): one dropout, after fc2."""
+    model = create_model("beit_tiny", **TINY, drop_rate=0.5).train()
+    mlp = model.blocks[0].mlp
+    x = torch.randn(2, 5, 48)
+    torch.manual_seed(3)
+    out = mlp(x)
+    torch.manual_seed(3)
+    expected = torch.nn.functional.dropout(mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))), 0.5, training=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    ref = create_reference_model("beit_tiny", **TINY, drop_rate=0.5).train()
+    assert type(ref.blocks[0].mlp) is type(mlp)  # the reference shares this Mlp
+
+
 def test_relative_position_index():
     index = relative_position_index((14, 14))
     assert index.shape == (197, 197)

@@ -8,7 +8,7 @@ import numpy as np
 from helpers import TINY
 
 from fastbeit.model import create_model
-from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, set_step_values
+from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, no_decay_names, set_step_values
 
 
 def test_decay_groups_follow_the_original_rules():
@@ -21,6 +21,16 @@ def test_decay_groups_follow_the_original_rules():
     assert {"mask_token", "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.qkv.weight",
             "patch_embed.proj.weight", "lm_head.weight"} <= d
     assert nd.isdisjoint(d) and len(nd | d) == len(list(model.parameters()))
+
+
+def test_rel_pos_tables_leave_weight_decay_on_request():
+    for overrides in ({}, {"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False}):
+        model = create_model("beit_tiny", **TINY, **overrides)
+        tables = {n for n, _ in model.named_parameters() if n.endswith("relative_position_bias_table")}
+        assert len(tables) == (1 if not overrides else 2)
+        assert no_decay_names(model) == {"pos_embed", "cls_token"}
+        no_decay, decay = decay_groups(model, 0.05, no_decay_names(model, rel_pos_bias=True))
+        assert tables <= set(no_decay["param_names"]) and tables.isdisjoint(decay["param_names"])
 
 
 def test_cosine_schedule_with_linear_warmup_from_zero():

@@ -163,6 +163,53 @@ def test_user_mistakes_get_one_clear_line(tiny_setup, tmp_path, change, message,
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+# The BEiT README's ImageNet-1k pre-training command (run_beit_pretraining.py), flags verbatim.
+ORIGINAL_COMMAND = (
+    "--data_path {data} --output_dir {out} --num_mask_patches 75 --model beit_base_patch16_224_8k_vocab "
+    "--discrete_vae_weight_path {tok} --batch_size 128 --lr 1.5e-3 --warmup_epochs 10 --epochs 800 "
+    "--clip_grad 3.0 --drop_path 0.1 --layer_scale_init_value 0.1 --imagenet_default_mean_and_std"
+)
+
+
+def original_config(argv, monkeypatch):
+    """The config ``build_model`` gives for ``argv`` (without building BEiT-Base's weights)."""
+    args = pretrain.resolve_args(argv)
+    monkeypatch.setattr(pretrain, "BeitForMaskedImageModeling", lambda cfg: cfg)
+    return args, pretrain.build_model(args, 8192)
+
+
+def test_the_original_command_line_builds_the_original_model(tiny_setup, tmp_path, monkeypatch):
+    base, data, _ = tiny_setup
+    argv = ORIGINAL_COMMAND.format(data=data, out=tmp_path, tok=base).split()
+    args, cfg = original_config(argv, monkeypatch)
+    assert (args.batch_size, args.lr, args.warmup_epochs, args.epochs, args.clip_grad) == (128, 1.5e-3, 10, 800, 3)
+    assert args.num_mask_patches == 75 and args.imagenet_default_mean_and_std and args.output == str(tmp_path)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.vocab_size, cfg.img_size, cfg.patch_size) == (
+        768, 12, 12, 8192, 224, 16)
+    assert cfg.use_shared_rel_pos_bias and not cfg.use_rel_pos_bias and not cfg.use_abs_pos_emb
+    assert (cfg.init_values, cfg.drop_path_rate, cfg.layer_norm_eps, cfg.qkv_bias) == (0.1, 0.1, 1e-6, True)
+    # --rel_pos_bias is the original's shared table (a no-op), --disable_rel_pos_bias removes all bias
+    assert original_config(argv + ["--rel_pos_bias"], monkeypatch)[1] == cfg
+    none = original_config(argv + ["--disable_rel_pos_bias"], monkeypatch)[1]
+    assert not none.use_shared_rel_pos_bias and not none.use_rel_pos_bias
+    per_layer = original_config(argv + ["--per_layer_rel_pos_bias"], monkeypatch)[1]
+    assert per_layer.use_rel_pos_bias and not per_layer.use_shared_rel_pos_bias
+    # the original's tokenizer folder: its encoder.pkl is what is loaded
+    seen = []
+    monkeypatch.setattr("fastbeit.tokenizer.dvae.load_tokenizer", lambda path: seen.append(path) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pretrain.build_tokenizer(args.tokenizer, torch.device("cpu"))
+    assert seen == [str(base / "encoder.pkl")]
+
+
+def test_rel_pos_table_can_be_kept_out_of_weight_decay(tiny_setup, tmp_path):
+    args = pretrain.resolve_args(tiny_args(tiny_setup, tmp_path, "--disable_weight_decay_on_rel_pos_bias"))
+    trainer = pretrain.Trainer(args)
+    table = trainer.model.rel_pos_bias.relative_position_bias_table
+    group = next(g for g in trainer.optimizer.param_groups if any(p is table for p in g["params"]))
+    assert group["weight_decay"] == 0.0  # decayed by default, as in the original
+
+
 def test_empty_data_folder(tiny_setup, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     args = tiny_args(tiny_setup, tmp_path / "out")

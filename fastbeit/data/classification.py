@@ -90,15 +90,13 @@ def build_eval_transform(
     input_size: int, mean: Sequence[float] = BEIT_MEAN, std: Sequence[float] = BEIT_STD,
     crop_pct: Optional[float] = None, interpolation: str = "bicubic",
 ) -> T.Compose:
-    """Resize the short side to ``size / crop_pct`` then centre-crop (crop_pct 0.875 below 384 px);
-    at 384 px and above the original resizes straight to ``size × size``."""
+    """Resize the short side to ``size / crop_pct`` then centre-crop, as the original: crop_pct
+    0.875 below 384 px, 1.0 from 384 px (the short side becomes ``size``; the aspect ratio is kept,
+    never squashed)."""
     mode = INTERPOLATIONS[interpolation]
     if crop_pct is None:
         crop_pct = 0.875 if input_size < 384 else 1.0
-    if crop_pct >= 1.0:
-        steps = [T.Resize((input_size, input_size), interpolation=mode)]
-    else:
-        steps = [T.Resize(int(input_size / crop_pct), interpolation=mode), T.CenterCrop(input_size)]
+    steps = [T.Resize(int(input_size / crop_pct), interpolation=mode), T.CenterCrop(input_size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
