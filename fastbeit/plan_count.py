@@ -367,7 +367,7 @@ def count_step(settings: PlanSettings) -> CountedStep:
             with recorder.region_of("tokenizer"), torch.no_grad(), autocast(torch.bfloat16):
                 ids = tokenizer.encode(view).flatten(1)
             with autocast(amp):
-                out = model.forward_loss(images, fake_masks, ids)
+                out = model.forward_loss(images, fake_masks, ids, bs.mask_settings(grid)[0])  # padded rows
             out.loss.backward()
             live = {p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None}
             live |= {out.loss.untyped_storage()._cdata, out.mlm_acc.untyped_storage()._cdata}
