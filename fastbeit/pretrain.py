@@ -360,11 +360,11 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
         self.model.check_fast_paths(self.device, amp_dtype)  # a clear error now, not from inside compile
         self.train_model = LossModule(self.model)
-        if args.compile:
-            self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        if args.compile:  # outermost: dynamo sees DDP and splits the graph at its gradient buckets
+            self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say)
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main)
 
     def say(self, msg: str) -> None:

@@ -179,6 +179,26 @@ def _launch(gen: MaskingGenerator, batch_size: int, seed: int, offset: int, devi
     return out
 
 
+@torch.library.custom_op("fastbeit::sample_block_masks", mutates_args=())
+def _sample_op(
+    batch_size: int, height: int, width: int, num_masking_patches: int, min_num_patches: int,
+    max_num_patches: int, min_aspect: float, max_aspect: float, mode: str, seed: int, offset: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The sampler as a PyTorch operator: a compiled region may draw its masks inside the graph
+    (``seed``/``offset`` are plain ints, so a new offset per step would re-specialize a graph: the
+    training loop draws outside the compiled step)."""
+    gen = _generator((height, width), num_masking_patches, min_num_patches, max_num_patches, min_aspect,
+                     max_aspect, mode)
+    return _launch(gen, batch_size, seed, offset, device, _images_per_program(batch_size))
+
+
+@_sample_op.register_fake
+def _(batch_size, height, width, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect,
+      mode, seed, offset, device):
+    return torch.empty(batch_size, height * width, dtype=torch.bool, device=device)
+
+
 def _images_per_program(batch_size: int) -> int:
     """One image per program on the GPU; the interpreter pays per op, so it packs up to 4096."""
     if not interpreting():
@@ -207,7 +227,9 @@ def sample_block_masks(
     device = torch.device(device)
     if not use_triton(torch.empty(0, device=device)):
         return _reference(gen, batch_size, seed, offset, device)
-    return _launch(gen, batch_size, seed, offset, device, _images_per_program(batch_size))
+    return _sample_op(batch_size, gen.height, gen.width, gen.num_masking_patches, gen.min_num_patches,
+                      gen.max_num_patches, gen.min_aspect, gen.max_aspect,
+                      gen.mode, int(seed), int(offset), device)
 
 
 def _reference(gen: MaskingGenerator, batch_size: int, seed: int, offset: int,
