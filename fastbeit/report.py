@@ -172,7 +172,18 @@ def environment(command: str, device: str) -> Dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
         "command": command,
+        "attention_tiles": _attention_tiles(),
     }
+
+
+def _attention_tiles() -> Any:
+    """The attention kernels' tiles every launch used (pinned), or "autotuned": the accumulation
+    order that results measured here depend on."""
+    try:
+        from fastbeit.kernels.attention import autotuning, pinned_tiles
+    except Exception:
+        return "unavailable"
+    return "autotuned (FASTBEIT_AUTOTUNE=1)" if autotuning() else pinned_tiles()
 
 
 # ----------------------------------------------------------------------------------- measuring
