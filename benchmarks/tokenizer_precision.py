@@ -10,7 +10,9 @@ IEEE fp32):
 * ``fp32 folded``: the inference form (``post_gain`` folded, fused head), fp32;
 * ``tf32 (emulated)``: every conv / matmul operand rounded to TF32's 10-bit mantissa
   (round-to-nearest-even), products summed in fp32: what CUDA's TF32 tensor cores compute. A CPU
-  cannot run TF32, so this is an emulation (cuDNN may sum in another order; that matters far less);
+  cannot run TF32, so this is an emulation (cuDNN may sum in another order; that matters far less).
+  Some kernels feed fp32 bits to the tensor cores, which then ignore the low 13 (truncation): the
+  truncating row bounds that case;
 * ``bf16 operands, fp32 accumulate``: operands rounded to bf16, everything else fp32;
 * ``bf16`` (``--tokenizer_precision bf16``): bf16 weights and activations, fp32 logits (fused head);
 * ``bf16 autocast``: the module under the step's bf16 autocast (fastbeit before the option):
@@ -45,27 +47,27 @@ IMAGENETTE_VAL = ROOT.parent / "shared" / "data" / "imagenette" / "val"
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
 
 
-def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 → the nearest value with ``bits`` explicit mantissa bits (ties to even), still fp32."""
-    if bits == 7:
-        return x.to(torch.bfloat16).float()
+def round_mantissa(x: torch.Tensor, bits: int, truncate: bool = False) -> torch.Tensor:
+    """fp32 → a value with ``bits`` explicit mantissa bits, still fp32: the nearest (ties to even),
+    or with the low bits dropped (``truncate``, towards zero)."""
     drop = 23 - bits
     mag = x.float().abs().view(torch.int32)  # sign dropped: no overflow below
-    mag = (mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) & ~((1 << drop) - 1)
-    return mag.view(torch.float32).copysign(x)
+    if not truncate:
+        mag = mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)
+    return (mag & ~((1 << drop) - 1)).view(torch.float32).copysign(x)
 
 
 class RoundedOperands(TorchFunctionMode):
     """Rounds the input and weight of every conv2d / linear to ``bits`` mantissa bits."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, truncate: bool = False) -> None:
         super().__init__()
-        self.bits = bits
+        self.bits, self.truncate = bits, truncate
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (F.conv2d, F.linear) and len(args) >= 2:
-            args = (round_mantissa(args[0], self.bits), round_mantissa(args[1], self.bits), *args[2:])
+            args = (*(round_mantissa(a, self.bits, self.truncate) for a in args[:2]), *args[2:])
         return func(*args, **kwargs)
 
 
@@ -97,9 +99,9 @@ def variants(model: DiscreteVAE) -> Dict[str, Callable[[torch.Tensor], torch.Ten
     fp32 = InferenceTokenizer(model, "fp32")
     bf16 = InferenceTokenizer(model, "bf16")
 
-    def rounded(bits: int):
+    def rounded(bits: int, truncate: bool = False):
         def run(x):
-            with RoundedOperands(bits):
+            with RoundedOperands(bits, truncate):
                 return fp32.encode(x)
         return run
 
@@ -107,7 +109,8 @@ def variants(model: DiscreteVAE) -> Dict[str, Callable[[torch.Tensor], torch.Ten
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.encode(x)
 
-    return {"fp32 folded (`fp32`)": fp32.encode, "tf32 (emulated; `tf32` on CUDA)": rounded(10),
+    return {"fp32 folded (`fp32`)": fp32.encode, "tf32 (emulated, rounding; `tf32` on CUDA)": rounded(10),
+            "tf32 (emulated, truncating: a pessimistic bound)": rounded(10, truncate=True),
             "bf16 operands, fp32 accumulate": rounded(7), "bf16 (`bf16`: bf16 activations, fp32 logits)": bf16.encode,
             "bf16 autocast (fastbeit before the option)": autocast}
 

@@ -30,6 +30,7 @@ from fastbeit import bench_step as bs
 from fastbeit.config import PRESETS, make_config
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.flops import StepFlops, encoder_forward_breakdown, measure_matmul_tflops, mfu, step_flops
+from fastbeit.tokenizer.forms import forms_markdown, report_forms
 
 GPU_DEFAULTS: Dict[str, Any] = dict(
     model="beit_base", batch=128, img_size=224, patch_size=16, amp="bf16", vocab=8192, warmup=5, iters=15,
@@ -42,7 +43,8 @@ CPU_DEFAULTS: Dict[str, Any] = dict(
 # key: (what the row changes against fastbeit with everything on, the StepOptions fields it sets)
 ABLATIONS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "base": ("fastbeit defaults (faithful masks, no compile)", {}),
-    "tokenizer-fp32": ("tokenizer in fp32, NCHW (not bf16 channels_last)", dict(tokenizer_fast=False)),
+    "tokenizer-fp32": ("tokenizer: the original's eager fp32 module, not the inference form",
+                       dict(tokenizer_fast=False)),
     "plain-adamw": ("plain AdamW (foreach), not fused", dict(fused_adamw=False)),
     "attn-triton": ("attention: triton", dict(attn_backend="triton")),
     "attn-sdpa": ("attention: sdpa", dict(attn_backend="sdpa")),
@@ -219,6 +221,7 @@ def measure_all(args: argparse.Namespace, out: Path, results: Dict[str, Any]) ->
 
         builders = {key: _builder(args, "fastbeit", bs.StepOptions(**ABLATIONS[key][1])) for key in args.ablation_list}
         bs.sweep(builders, args.warmup, args.iters, on_row=save_variant)
+        results["tokenizer_forms"] = report_forms(args, results["rows"].get("base"))
         return results
 
     def after(name: str, contender: bs.Contender) -> None:
@@ -231,6 +234,7 @@ def measure_all(args: argparse.Namespace, out: Path, results: Dict[str, Any]) ->
 
     bs.sweep({name: _builder(args, name) for name in args.contender_list}, args.warmup, args.iters,
              on_row=save, after=after)
+    results["tokenizer_forms"] = report_forms(args, results["rows"].get("fastbeit"))
     write_json(out / "results.json", results)
     return results
 
@@ -414,6 +418,7 @@ def comparison_markdown(results: Dict[str, Any]) -> str:
               "Ratios are between contenders measured in this run (higher is faster).", "",
               "![img/s](img_per_s.png)", "", "![peak memory](peak_memory.png)", ""]
     lines += _flops_lines(results) + _breakdown_lines(results)
+    lines += forms_markdown(results.get("tokenizer_forms"), s["batch"])
     return "\n".join(lines) + "\n"
 
 
@@ -434,6 +439,7 @@ def ablation_markdown(results: Dict[str, Any]) -> str:
                      f"{100 * row['mfu']:.1f} %" if ok else "–", _settings_note(row)])
     lines += _table(["row", "variant", "img/s", "ms/step", "vs first row", "peak memory", "MFU", "settings"], body)
     lines += ["", "![ablation](ablation.png)", ""] + _flops_lines(results)
+    lines += forms_markdown(results.get("tokenizer_forms"), s["batch"])
     return "\n".join(lines) + "\n"
 
 
