@@ -7,7 +7,8 @@ Photos go through the tokenizer view's preprocessing without the random crop: sh
 112 px (Lanczos), centre crop, ``map_pixels``. Variants (the reference is the unfolded module in
 IEEE fp32):
 
-* ``fp32 folded``: the inference form (``post_gain`` folded, fused head), fp32;
+* ``fp32 folded``: the inference form (``post_gain`` folded, the head's PyTorch reference), fp32,
+  NCHW (its CPU default) and channels-last (its CUDA default; on a CPU another conv algorithm);
 * ``tf32 (emulated)``: every conv / matmul operand rounded to TF32's 10-bit mantissa
   (round-to-nearest-even), products summed in fp32: what CUDA's TF32 tensor cores compute. A CPU
   cannot run TF32, so this is an emulation (cuDNN may sum in another order; that matters far less).
@@ -109,7 +110,9 @@ def variants(model: DiscreteVAE) -> Dict[str, Callable[[torch.Tensor], torch.Ten
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.encode(x)
 
-    return {"fp32 folded (`fp32`)": fp32.encode, "tf32 (emulated, rounding; `tf32` on CUDA)": rounded(10),
+    return {"fp32 folded (`fp32`)": fp32.encode,
+            "fp32 folded, channels-last (CUDA's layout)": InferenceTokenizer(model, "fp32", channels_last=True).encode,
+            "tf32 (emulated, rounding; `tf32` on CUDA)": rounded(10),
             "tf32 (emulated, truncating: a pessimistic bound)": rounded(10, truncate=True),
             "bf16 operands, fp32 accumulate": rounded(7), "bf16 (`bf16`: bf16 activations, fp32 logits)": bf16.encode,
             "bf16 autocast (fastbeit before the option)": autocast}
