@@ -21,7 +21,7 @@ def test_gpu_check_logic_in_the_interpreter(monkeypatch):
     rows = gpu_check.run_all(quick=True)
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
-    assert {r["check"] for r in rows} == {"attention", "gathered CE", "masked embed", "block masks"}
+    assert {r["check"] for r in rows} == {"attention", "gathered CE", "masked embed", "block masks", "token argmax"}
 
 
 def test_gpu_check_without_cuda_says_so(capsys):

@@ -121,7 +121,8 @@ class InferenceTokenizer(nn.Module):
         if self.head == "triton" and not use_triton(out.weight):
             raise UserError("the fused tokenizer head needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         self.eval().requires_grad_(False)
-        self._body = torch.compile(self.body, dynamic=False) if compile else self.body
+        # not a submodule: the compiled wrapper shares self.body's parameters
+        object.__setattr__(self, "_run_body", torch.compile(self.body, dynamic=False) if compile else self.body)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,7 +148,7 @@ class InferenceTokenizer(nn.Module):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = images.to(self.dtype).contiguous(memory_format=fmt)
         with torch.autocast(images.device.type, enabled=False), fp32_math(self.precision):
-            return self._body(x)
+            return self._run_body(x)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
