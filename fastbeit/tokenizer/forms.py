@@ -1,9 +1,12 @@
 """The tokenizer's forms, timed one at a time for the benchmark report.
 
-``eager-fp32`` is the original (the module in fp32, NCHW, no autocast); each other row switches on
-one optimization of :class:`~fastbeit.tokenizer.infer.InferenceTokenizer` alone, and ``default`` is
-what ``fastbeit.pretrain`` runs. A form's share of the step is ``t / (step - t_default + t)``: the
-measured step (which ran the default form) with the default tokenizer time swapped for this form's.
+``eager-fp32`` is the original (the module in fp32, NCHW, no autocast). ``plain`` is the inference
+form with every option off: the same fp32 convolutions, the last layer's argmax taken over row chunks
+(PyTorch) instead of the whole ``[B, V, h, w]`` logits. Each row after it switches on one
+optimization of :class:`~fastbeit.tokenizer.infer.InferenceTokenizer` alone (compare it with
+``plain``), and ``default`` is what ``fastbeit.pretrain`` runs. A form's share of the step is
+``t / (step - t_default + t)``: the measured step (which ran the default form) with the default
+tokenizer time swapped for this form's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ PLAIN = dict(precision="fp32", fold=False, head="torch", channels_last=False)
 FORMS: Dict[str, tuple] = {
     "eager-fp32": ("the original: the module in fp32, NCHW, eager", None),
     "bf16-autocast": ("the module under the step's bf16 autocast (fastbeit before --tokenizer_precision)", "autocast"),
+    "plain": ("inference form, nothing on: unfolded, NCHW, fp32, the head in row chunks (no logits)", PLAIN),
     "folded": ("post_gain folded into the convs (fp32)", dict(PLAIN, fold=True)),
     "channels-last": ("channels-last weights and inputs (fp32)", dict(PLAIN, channels_last=True)),
     "fused-head": ("fused ReLU + 1x1 conv + argmax, no logits (fp32)", dict(PLAIN, head="triton")),
@@ -111,9 +115,10 @@ def forms_markdown(forms: Optional[Dict[str, Dict[str, Any]]], batch: int) -> Li
         speed = f"{base / r['ms']:.2f}×" if base else "–"
         body.append(f"| {name} | {r['variant']} | {r['ms']:.2f} | {speed} | {share} | {100 * r['agree']:.2f} % |")
     return ["## The tokenizer's forms", "",
-            f"Tokenizer encode alone, batch {batch}, each optimization on its own against the original (eager fp32). "
-            "Share of the step: this form's time in the measured fastbeit step in place of the default's. Agreement "
-            "is on the benchmark's random tokenizer view; on real photos see benchmarks/results.", "",
+            f"Tokenizer encode alone, batch {batch}. `plain` is the inference form with every option off; each "
+            "row after it switches on one optimization alone. Share of the step: this form's time in the measured "
+            "fastbeit step in place of the default's. Agreement is on the images timed (random views in the "
+            "report); on real photos see benchmarks/results.", "",
             *body, ""]
 
 
