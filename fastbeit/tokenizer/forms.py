@@ -19,7 +19,7 @@ import torch
 
 from fastbeit.kernels import use_triton
 from fastbeit.tokenizer.dvae import DiscreteVAE
-from fastbeit.tokenizer.infer import DEFAULT_PRECISION, InferenceTokenizer
+from fastbeit.tokenizer.infer import DEFAULT_PRECISION, InferenceTokenizer, fp32_math
 
 PLAIN = dict(precision="fp32", fold=False, head="torch", channels_last=False)
 # name: (what it is, InferenceTokenizer settings; None = the module itself)
@@ -46,9 +46,10 @@ def encoder_for(model: DiscreteVAE, spec: Any, device: torch.device) -> Optional
     if spec is None or spec == "autocast":
         dtype = torch.bfloat16 if spec == "autocast" else None
 
-        def run(x: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor) -> torch.Tensor:  # fp32: IEEE, not cuDNN's default TF32 convolutions
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                return model.encode(x)
+                with fp32_math("bf16" if dtype is not None else "fp32"):
+                    return model.encode(x)
         return run
     if spec.get("head") == "triton" and not use_triton(next(model.parameters())):
         return None
