@@ -156,3 +156,15 @@ def test_pretrain_rejects_a_wrong_tokenizer_file(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "not a tokenizer" in err[-1]
+
+
+@pytest.mark.parametrize("n_blk", [1, 2])
+def test_dalle_encoder_pickle_inference_form_same_ids(tmp_path, n_blk):
+    from test_tokenizer import dalle_pickle
+
+    enc, path = dalle_pickle(tmp_path, n_blk)
+    x = images(3, 32, seed=4)
+    with torch.no_grad():
+        expected = torch.argmax(enc(x), dim=1)
+    tok = build_tokenizer(str(path), "cpu", "fp32", vocab_size=64)
+    assert torch.equal(tok.encode(x), expected)
