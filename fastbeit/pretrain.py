@@ -58,8 +58,8 @@ from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
 from fastbeit.model import BeitForMaskedImageModeling
 from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, set_step_values
-from fastbeit.tokenizer import infer
 from fastbeit.tokenizer.infer import DEFAULT_PRECISION, PRECISIONS, InferenceTokenizer
+from fastbeit.tokenizer.infer import build_tokenizer as build_inference_tokenizer
 
 TOKENIZER_DOWNSAMPLE = 8
 SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "sample"
@@ -195,7 +195,7 @@ def build_tokenizer(spec: Optional[str], device: torch.device, precision: str = 
                     **kwargs) -> InferenceTokenizer:
     """The frozen tokenizer's inference form (see :mod:`fastbeit.tokenizer.infer`): ours (.safetensors)
     or DALL-E's pickled ``encoder.pkl``; ``encode`` runs at ``precision`` whatever the step's autocast."""
-    return infer.build_tokenizer(spec, device, precision, **kwargs)
+    return build_inference_tokenizer(spec, device, precision, **kwargs)
 
 
 def build_mask_generator(args: argparse.Namespace, grid: int) -> MaskingGenerator:
