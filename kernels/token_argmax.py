@@ -111,7 +111,9 @@ def token_argmax(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if M == 0:
         return ids
     weight = weight.to(x.dtype)
-    strict = x.dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision != "tf32"
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    strict = x.dtype == torch.float32 and not tf32
     precision = "ieee" if strict or interpreting() else "tf32"
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _token_argmax_kernel[grid](

@@ -168,3 +168,14 @@ def test_dalle_encoder_pickle_inference_form_same_ids(tmp_path, n_blk):
         expected = torch.argmax(enc(x), dim=1)
     tok = build_tokenizer(str(path), "cpu", "fp32", vocab_size=64)
     assert torch.equal(tok.encode(x), expected)
+
+
+def test_forms_table_for_the_report():
+    from fastbeit.tokenizer.forms import FORMS, forms_markdown, measure_forms
+
+    rows = measure_forms(tiny(1, vocab=50), images(2), warmup=1, iters=1, step_ms=1000.0)
+    assert list(rows)[0] == "eager-fp32" and set(rows) == set(FORMS) - {"compile"}
+    for name in ("eager-fp32", "plain", "folded", "channels-last", "fused-head", "tf32", "default"):
+        assert rows[name]["agree"] == 1.0 and rows[name]["ms"] > 0 and 0 < rows[name]["share"] < 1, name
+    text = "\n".join(forms_markdown(rows, 2))
+    assert "| fused-head |" in text and "share of the step" in text

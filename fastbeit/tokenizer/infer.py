@@ -50,14 +50,21 @@ def fp32_math(precision: str) -> Iterator[None]:
     if precision == "bf16":
         yield
         return
-    mode = "tf32" if precision == "tf32" else "ieee"
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision, matmul.fp32_precision = mode, mode
+    tf32 = precision == "tf32"
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: fp32_precision "ieee" / "tf32"
+        owners = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+        name, value = "fp32_precision", "tf32" if tf32 else "ieee"
+    else:
+        owners = (torch.backends.cudnn, torch.backends.cuda.matmul)
+        name, value = "allow_tf32", tf32
+    saved = [getattr(o, name) for o in owners]
+    for o in owners:
+        setattr(o, name, value)
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        for o, v in zip(owners, saved):
+            setattr(o, name, v)
 
 
 def fold_post_gain(encoder: Encoder) -> Encoder:
