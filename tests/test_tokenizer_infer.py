@@ -91,6 +91,8 @@ def test_fused_head_in_the_interpreter_same_ids():
     x = images(2, seed=3)
     fused = InferenceTokenizer(model, "fp32", head="triton")
     assert torch.equal(fused.encode(x), model.encode(x))
+    fused, chunked = (InferenceTokenizer(model, "bf16", head=h) for h in ("triton", "torch"))
+    assert torch.equal(fused.encode(x), chunked.encode(x))  # bf16 operands, fp32 logits in both
 
 
 def test_own_precision_ignores_the_callers_autocast():
