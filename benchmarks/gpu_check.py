@@ -131,6 +131,23 @@ def check_gathered_ce(B: int, N: int, D: int, V: int, dtype: torch.dtype, num_ma
         record("gathered CE", case, name, rel_err(g, w), BOUND[dtype])
 
 
+def check_token_argmax(M: int, C: int, V: int, dtype: torch.dtype) -> None:
+    """The fused tokenizer head: each id's float64 logit (same rounded inputs) must be the row's
+    maximum up to float32 rounding of the sum (a near-tie may go either way, nothing more)."""
+    from fastbeit.kernels.token_argmax import token_argmax
+
+    x = torch.randn(M, C, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, C, device=DEVICE) * C ** -0.5).to(dtype)
+    bias = torch.randn(V, device=DEVICE) * 0.1
+    ids = token_argmax(x, weight, bias, relu=True, impl="triton")
+    sync()
+    logits = F.linear(torch.relu(x).double(), weight.double(), bias.double())
+    gap = logits.max(-1).values - logits.gather(1, ids[:, None]).squeeze(1)
+    tol = 1e-5 * logits.abs().max(-1).values + 1e-6
+    record("token argmax", f"M{M} C{C} V{V} {str(dtype)[6:]}", "ids off the max", float((gap > tol).float().mean()),
+           0.0, "fraction")
+
+
 def check_masked_embed(B: int, N: int, D: int, dtype: torch.dtype) -> None:
     from fastbeit.kernels.masked_embed import masked_embed, masked_embed_reference
 
@@ -263,19 +280,24 @@ def run_all(quick: bool = False) -> List[Dict[str, object]]:
                  (48, 12, 197, 64, torch.float32, "shared")]
     ce = [(5, 196, 72, 8191, torch.float32, None), (7, 49, 200, 1000, bf16, None)]
     embed = [(3, 13, 40, torch.float32), (5, 196, 768, bf16)]
+    heads = [(1001, 200, 8191, torch.float32), (37, 33, 1000, bf16)]
     if quick:
+        heads = [(37, 33, 100, bf16)]
         attention = [(5, 2, 33, 16, torch.float32, "shared"), (1, 2, 37, 16, bf16, "per-image")]
         ce = ce[1:]
     else:
         attention.append((64, 12, 197, 64, bf16, "shared"))
         ce += [(64, 196, 768, 8192, bf16, 75), (64, 196, 768, 8192, bf16, None)]
         embed.append((64, 196, 768, torch.float32))
+        heads += [(64 * 196, 2048, 8192, bf16), (64 * 196, 2048, 8192, torch.float32)]  # DALL-E's head
     for args in attention:
         guarded("attention", str(args), lambda a=args: check_attention(*a))
     for args in ce:
         guarded("gathered CE", str(args), lambda a=args: check_gathered_ce(*a))
     for args in embed:
         guarded("masked embed", str(args), lambda a=args: check_masked_embed(*a))
+    for args in heads:
+        guarded("token argmax", str(args), lambda a=args: check_token_argmax(*a))
     guarded("block masks", "masks", lambda: check_block_masks(512 if quick else 8192))
     if quick:  # the same comparison at a size the interpreter runs in seconds
         guarded("model step", "tiny", lambda: check_model(1, 2, "beit_tiny", img_size=32, patch_size=8,

@@ -41,6 +41,7 @@ from fastbeit.optim import build_adamw, decay_groups
 from fastbeit.pretrain import LossModule
 from fastbeit.reference import ReferenceBeitForMaskedImageModeling
 from fastbeit.tokenizer.dvae import DOWNSAMPLE, DiscreteVAE, DVAEConfig
+from fastbeit.tokenizer.infer import DEFAULT_PRECISION, InferenceTokenizer
 
 CONTENDERS = ("fastbeit", "fastbeit-compile", "reference", "timm", "timm-compile")
 AMP_DTYPES = {"bf16": torch.bfloat16, "none": None}  # no fp16: it would need a GradScaler in the step
@@ -56,7 +57,7 @@ WEIGHT_DECAY, LR, CLIP_GRAD = 0.05, 1.5e-3, 3.0
 class StepOptions:
     """The step's optimizations, each switchable for the ablation (defaults: ``fastbeit``'s)."""
 
-    tokenizer_fast: bool = True  # bf16 autocast whatever the amp (+ channels_last on CUDA); else fp32 NCHW
+    tokenizer_fast: bool = True  # the inference form at the default precision; else the eager fp32 module
     fused_adamw: Optional[bool] = None  # None: fused on CUDA
     attn_backend: str = "auto"
     kernels: str = "auto"
@@ -208,7 +209,7 @@ class Contender:
 
     name: str
     model: nn.Module
-    tokenizer: DiscreteVAE
+    tokenizer: DiscreteVAE | InferenceTokenizer
     optimizer: torch.optim.Optimizer
     images: torch.Tensor
     token_view: torch.Tensor
@@ -241,9 +242,8 @@ class Contender:
     def step(self) -> torch.Tensor:
         """One pre-training step; returns the detached loss without waiting for the device."""
         rf = torch.autograd.profiler.record_function
-        with rf(RANGE_PREFIX + "tokenizer"), torch.no_grad():
-            with self._autocast(torch.bfloat16 if self.options.tokenizer_fast else None):
-                token_ids = self.tokenizer.encode(self.token_view).flatten(1)
+        with rf(RANGE_PREFIX + "tokenizer"), torch.no_grad():  # at its own precision (fp32: no autocast)
+            token_ids = self.tokenizer.encode(self.token_view).flatten(1)
         with self._autocast(AMP_DTYPES[self.amp]):
             loss, _ = self.forward(self.images, self.masks, token_ids, self.num_masked)
         self._ranges.close_all()
@@ -355,9 +355,10 @@ def build_contender(
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, img_size, img_size, generator=gen).to(device)
     token_view = (0.1 + 0.8 * torch.rand(batch, 3, grid * DOWNSAMPLE, grid * DOWNSAMPLE, generator=gen)).to(device)
-    if opts.tokenizer_fast and device.type == "cuda":
-        tokenizer = tokenizer.to(memory_format=torch.channels_last)
-        token_view = token_view.contiguous(memory_format=torch.channels_last)
+    if opts.tokenizer_fast:
+        tokenizer = InferenceTokenizer(tokenizer, DEFAULT_PRECISION)
+        if tokenizer.channels_last:
+            token_view = token_view.contiguous(memory_format=torch.channels_last)
     masks = make_masks(batch, grid, exact=opts.exact_masks, seed=seed).to(device)
     if base == "fastbeit":
         attn, kernels = resolved_backends(cfg, device, AMP_DTYPES[amp] or torch.float32)

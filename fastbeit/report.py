@@ -33,6 +33,7 @@ from fastbeit import bench_step as bs
 from fastbeit.config import PRESETS, make_config
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.flops import StepFlops, encoder_forward_breakdown, measure_matmul_tflops, mfu, step_flops
+from fastbeit.tokenizer.forms import forms_markdown, report_forms
 from fastbeit.validate import check_output_dir, resolve_device
 
 GPU_DEFAULTS: Dict[str, Any] = dict(
@@ -48,7 +49,8 @@ CPU_DEFAULTS: Dict[str, Any] = dict(
 # key: (what the row changes against fastbeit with everything on, the StepOptions fields it sets)
 ABLATIONS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "base": ("fastbeit defaults (faithful masks, no compile)", {}),
-    "tokenizer-fp32": ("tokenizer in fp32, NCHW (not bf16 channels_last)", dict(tokenizer_fast=False)),
+    "tokenizer-fp32": ("tokenizer: the original's eager fp32 module, not the inference form",
+                       dict(tokenizer_fast=False)),
     "plain-adamw": ("plain AdamW (foreach), not fused", dict(fused_adamw=False)),
     "attn-triton": ("attention: triton", dict(attn_backend="triton")),
     "attn-sdpa": ("attention: sdpa", dict(attn_backend="sdpa")),
@@ -261,6 +263,7 @@ def measure_all(args: argparse.Namespace, out: Path, results: Dict[str, Any]) ->
 
         builders = {key: _builder(args, "fastbeit", bs.StepOptions(**ABLATIONS[key][1])) for key in args.ablation_list}
         bs.sweep(builders, args.warmup, args.iters, on_row=save_variant)
+        results["tokenizer_forms"] = report_forms(args, results["rows"].get("base"))
         return results
 
     def after(name: str, contender: bs.Contender) -> None:
@@ -273,6 +276,7 @@ def measure_all(args: argparse.Namespace, out: Path, results: Dict[str, Any]) ->
 
     bs.sweep({name: _builder(args, name) for name in args.contender_list}, args.warmup, args.iters,
              on_row=save, after=after)
+    results["tokenizer_forms"] = report_forms(args, results["rows"].get("fastbeit"))
     write_json(out / "results.json", results)
     return results
 
@@ -470,6 +474,7 @@ def comparison_markdown(results: Dict[str, Any]) -> str:
               "Ratios are between contenders measured in this run (higher is faster).", "",
               "![img/s](img_per_s.png)", "", "![peak memory](peak_memory.png)", ""]
     lines += _flops_lines(results) + _breakdown_lines(results)
+    lines += forms_markdown(results.get("tokenizer_forms"), s["batch"])
     return "\n".join(lines) + "\n"
 
 
@@ -491,6 +496,7 @@ def ablation_markdown(results: Dict[str, Any]) -> str:
     lines += _table(["row", "variant", "img/s", "ms/step", "vs first row", "peak memory", "MFU (datasheet peak)",
                      "MFU (measured matmul)", "settings"], body)
     lines += ["", "![ablation](ablation.png)", ""] + _flops_lines(results)
+    lines += forms_markdown(results.get("tokenizer_forms"), s["batch"])
     return "\n".join(lines) + "\n"
 
 

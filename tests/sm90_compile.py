@@ -12,7 +12,7 @@ It prints one line per compiled kernel: case, tiles, shared memory bytes, regist
 (from the ptxas log); it exits with ``SKIP: <reason>`` on stderr when this Triton cannot compile
 offline.
 
-Groups ``gathered_ce``, ``masked_embed``, ``block_mask`` and ``attention_all`` run the modules'
+Groups ``gathered_ce``, ``masked_embed``, ``block_mask``, ``token_argmax`` and ``attention_all`` run the modules'
 public functions (forward and backward) at BEiT-Base sizes with every kernel swapped for a recorder,
 then compile each recorded launch as ``JITFunction.run`` would on the GPU: same dtypes and
 constexprs, same specialization on the argument values (ints equal to 1 become constants, 16-byte
@@ -229,8 +229,30 @@ def _attention_all(launches: list):
     return mod
 
 
+def _token_argmax(launches: list):
+    """The DALL-E tokenizer's fused head at batch 64: channels-last ``[64·196, 2048]`` features,
+    8192 codes; bf16 (``--tokenizer_precision bf16``), fp32 as TF32 (``tf32``) and IEEE (``fp32``)."""
+    import torch
+
+    from fastbeit.kernels import token_argmax as mod
+
+    C = 2048
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        for dtype, mode in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+            matmul.fp32_precision = mode
+            feats = torch.randn(B, 14, 14, C, dtype=dtype).view(-1, C)
+            weight, bias = torch.randn(V, C, dtype=dtype), torch.randn(V)
+            with _recording(mod, launches, f"{_short(dtype)}, fp32 math {mode}"):
+                mod.token_argmax(feats, weight, bias, relu=True, impl="triton")
+    finally:
+        matmul.fp32_precision = saved
+    return mod
+
+
 RECORDED = {"gathered_ce": _gathered_ce, "masked_embed": _masked_embed, "block_mask": _block_mask,
-            "attention_all": _attention_all}
+            "attention_all": _attention_all, "token_argmax": _token_argmax}
 
 
 # ------------------------------------------------------------------------------ hand-listed jobs

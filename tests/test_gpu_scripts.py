@@ -27,7 +27,8 @@ def test_gpu_check_logic_in_the_interpreter(monkeypatch):
     rows = gpu_check.run_all(quick=True)
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
-    assert {r["check"] for r in rows} == {"attention", "gathered CE", "masked embed", "block masks", "model step"}
+    assert {r["check"] for r in rows} == {"attention", "gathered CE", "masked embed", "block masks", "model step",
+                                            "token argmax"}
     assert any(r["output"].startswith("dbias max abs") for r in rows)  # the fp32 shared-bias case
     model = [r for r in rows if r["check"] == "model step"]
     assert {r["case"].split(", ")[-1] for r in model} == {"fp32", "bf16 autocast both"}

@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("group", ["gathered_ce", "masked_embed", "block_mask", "attention_all"])
+@pytest.mark.parametrize("group", ["gathered_ce", "masked_embed", "block_mask", "token_argmax", "attention_all"])
 def test_kernels_compile_for_sm90(group, tmp_path):
     """~5-20 s per group on a CPU (Triton's ptxas, a fresh cache)."""
     compiled = run_in_subprocess(tmp_path, group)

@@ -192,7 +192,8 @@ def test_report_ablate_on_cpu(tmp_path):
     argv = [*TINY_CLI, "--ablate", "--ablations", "tokenizer-fp32,exact-masks", "--output", str(out)]
     assert report.main(argv) == 0
     text = (out / "report.md").read_text()
-    for needle in ("base", "tokenizer in fp32", "exact-count masks", "vs first row"):
+    for needle in ("base", "eager fp32 module", "exact-count masks", "vs first row", "The tokenizer's forms",
+                   "fused ReLU + 1x1 conv + argmax"):
         assert needle in text, needle
     assert (out / "ablation.png").stat().st_size > 0
 

@@ -2,7 +2,8 @@
 
 ``load_tokenizer()`` gives the small tokenizer shipped in ``fastbeit/assets``; ``load_tokenizer(
 "encoder.pkl")`` loads DALL-E's released encoder; ``python -m fastbeit.tokenizer.train`` trains
-your own.
+your own. ``build_tokenizer(path, device, precision)`` gives the frozen inference form pre-training
+runs (:mod:`fastbeit.tokenizer.infer`).
 """
 
 from fastbeit.tokenizer.dalle import load_dalle_encoder
@@ -14,12 +15,16 @@ from fastbeit.tokenizer.dvae import (
     load_tokenizer,
     save_tokenizer,
 )
+from fastbeit.tokenizer.infer import PRECISIONS, InferenceTokenizer, build_tokenizer
 
 __all__ = [
     "DEFAULT_TOKENIZER",
     "DiscreteVAE",
     "DVAEConfig",
     "DVAELosses",
+    "InferenceTokenizer",
+    "PRECISIONS",
+    "build_tokenizer",
     "load_dalle_encoder",
     "load_tokenizer",
     "save_tokenizer",
