@@ -14,6 +14,7 @@ Inductor on the CPU, no Triton on the GPU) says so in one line and runs the same
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -41,13 +42,14 @@ class CompiledStep:
     keep them across steps (CUDA graphs reuse their output memory).
     """
 
-    def __init__(self, module: torch.nn.Module, mode: str = "default", say: Optional[Callable[[str], None]] = None,
-                 backend: str = "inductor") -> None:
+    def __init__(self, module: Callable, mode: str = "default", say: Optional[Callable[[str], None]] = None,
+                 backend: str = "inductor", what: str = "the step", dynamic: Optional[bool] = None) -> None:
         self.module = module
         self.mode = mode
-        self.say = say or print
+        self.what = what
+        self.say = say or (lambda msg: print(msg, file=sys.stderr))
         options = {} if backend != "inductor" else {"mode": None if mode == "default" else mode}
-        self.compiled = torch.compile(module, fullgraph=True, backend=backend, **options)
+        self.compiled = torch.compile(module, fullgraph=True, backend=backend, dynamic=dynamic, **options)
         self.cuda_graphs = mode == "reduce-overhead"
         self.state = "pending"  # pending → compiled | eager
         self.compile_seconds: Optional[float] = None
@@ -66,13 +68,12 @@ class CompiledStep:
             if not _is_compiler_failure(exc):
                 raise
             self.state = "eager"
-            self.say(f"note: torch.compile cannot build the step here ({_first_line(exc)}); running it eagerly "
+            self.say(f"note: torch.compile cannot build {self.what} here ({_first_line(exc)}); running it eagerly "
                      "(pass --no-compile to skip the attempt)")
             return self.module(*args)
         self.state = "compiled"
         self.compile_seconds = time.perf_counter() - start
-        self.say(f"compiled the step in {self.compile_seconds:.1f} s (first call: forward; backward compiles "
-                 "with it)")
+        self.say(f"compiled {self.what} in {self.compile_seconds:.1f} s (once)")
         return self._own(out)
 
     def _own(self, out: Any) -> Any:

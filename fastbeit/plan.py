@@ -108,10 +108,27 @@ class Kernel:
     flops: float
     bytes: float
     label: str = ""
+    peak_scale: float = 1.0  # of the bf16 tensor-core peak: 0.5 for TF32 matmuls (the tokenizer's default)
+
+    def compute_seconds(self, dev: Device, eff: Efficiency) -> float:
+        if not self.flops:
+            return 0.0
+        return self.flops / (dev.bf16_tflops * self.peak_scale * 1e12 * eff.compute(self.kind))
 
     def seconds(self, dev: Device, eff: Efficiency) -> float:
-        compute = self.flops / (dev.bf16_tflops * 1e12 * eff.compute(self.kind)) if self.flops else 0.0
-        return max(compute, self.bytes / (dev.hbm_tbs * 1e12 * eff.memory))
+        return max(self.compute_seconds(dev, eff), self.bytes / (dev.hbm_tbs * 1e12 * eff.memory))
+
+
+# Tensor-core peak of each tokenizer precision relative to bf16 dense, from the same datasheets:
+# TF32 494.7 TFLOP/s dense (989.4 with sparsity) on both GPUs; fp32 without tensor cores 67 TFLOP/s.
+TOKENIZER_PEAK_SCALE = {"bf16": 1.0, "tf32": 0.5, "fp32": 67.0 / 989.0}
+
+
+def _at_tokenizer_precision(kernels: List[Kernel], precision: str) -> List[Kernel]:
+    for k in kernels:
+        if k.part == "tokenizer":
+            k.peak_scale = TOKENIZER_PEAK_SCALE[precision]
+    return kernels
 
 
 def eager_kernels(step: CountedStep) -> List[Kernel]:
@@ -283,7 +300,7 @@ def _by_part(kernels: Sequence[Kernel], dev: Device, eff: Efficiency) -> Dict[st
         row["bytes"] += k.bytes
         sec = k.seconds(dev, eff)
         row["ms"] += 1e3 * sec
-        if k.flops and k.flops / (dev.bf16_tflops * 1e12 * eff.compute(k.kind)) >= sec:
+        if k.flops and k.compute_seconds(dev, eff) >= sec:
             row["compute_ms"] += 1e3 * sec
     return out
 
@@ -291,8 +308,10 @@ def _by_part(kernels: Sequence[Kernel], dev: Device, eff: Efficiency) -> Dict[st
 def build_plan(step: CountedStep, eff: Efficiency = Efficiency(), devices: Sequence[Device] = DEVICES,
                measured: Optional[Dict[str, float]] = None, measured_label: str = "") -> Dict[str, Any]:
     """The plan as a JSON-able dict: per device and part, FLOPs, bytes and time, eager and fused."""
-    eager = eager_kernels(step) + optimizer_kernels(step)
-    fused, strict = fused_kernels(step), fused_kernels(step, strict=True)
+    precision = step.settings.tokenizer_precision
+    eager = _at_tokenizer_precision(eager_kernels(step) + optimizer_kernels(step), precision)
+    fused = _at_tokenizer_precision(fused_kernels(step), precision)
+    strict = _at_tokenizer_precision(fused_kernels(step, strict=True), precision)
     b = step.settings.batch
     counted_per_image = sum(r.flops for r in step.records) / b
     plan: Dict[str, Any] = {
@@ -346,6 +365,7 @@ def plan_markdown(plan: Dict[str, Any]) -> str:
     lines = [
         "# Performance plan (estimate, not a measurement)", "",
         f"{s['model']}, batch {s['batch']}, {s['img_size']} px, {s['amp']}, tokenizer {s['tokenizer']} "
+        f"at {s['tokenizer_precision']} "
         f"(vocab {s['vocab']}), {plan['masked_per_image']:.1f} masked patches per image; counted from "
         f"{plan['ops_recorded']} ops of the real step (attention {s['attn']}, reference kernels) on fake tensors.", "",
     ]
@@ -423,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tokenizer", choices=("dalle", "tiny"), default="dalle")
     p.add_argument("--amp", choices=sorted(bs.AMP_DTYPES), default="bf16")
+    p.add_argument("--tokenizer-precision", choices=tuple(TOKENIZER_PEAK_SCALE), default="tf32",
+                   help="the tokenizer's precision (pre-training's default: tf32; bf16 is the fastest, 98.6%% of ids "
+                   "equal to fp32's)")
     p.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
                    help="attention of the counted step (sdpa counts PyTorch's CPU math fallback)")
     p.add_argument("--seed", type=int, default=0)
@@ -446,7 +469,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None) -> Tuple[PlanSettings, 
     if args.img_size % args.patch_size:
         raise UserError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
     settings = PlanSettings(args.model, args.batch, args.img_size, args.patch_size, args.depth, args.vocab,
-                            args.tokenizer, args.amp, args.attn, args.seed)
+                            args.tokenizer, args.amp, args.attn, args.seed, args.tokenizer_precision)
     return settings, args
 
 

@@ -289,6 +289,7 @@ class PlanSettings:
     amp: str = "bf16"
     attn: str = "eager"
     seed: int = 0
+    tokenizer_precision: str = "tf32"  # the step's default (fastbeit.tokenizer.infer.DEFAULT_PRECISION)
 
 
 @dataclass
@@ -364,7 +365,8 @@ def count_step(settings: PlanSettings) -> CountedStep:
             images = torch.empty(s.batch, 3, s.img_size, s.img_size)
             view = torch.empty(s.batch, 3, grid * DOWNSAMPLE, grid * DOWNSAMPLE)
             fake_masks = torch.empty(masks.shape, dtype=torch.bool)
-            with recorder.region_of("tokenizer"), torch.no_grad(), autocast(torch.bfloat16):
+            tok_amp = torch.bfloat16 if s.tokenizer_precision == "bf16" else None  # tf32/fp32: fp32 tensors
+            with recorder.region_of("tokenizer"), torch.no_grad(), autocast(tok_amp):
                 ids = tokenizer.encode(view).flatten(1)
             with autocast(amp):
                 out = model.forward_loss(images, fake_masks, ids, bs.mask_settings(grid)[0])  # padded rows

@@ -32,6 +32,7 @@ from typing import Iterator, List, Optional
 import torch
 from torch import nn
 
+from fastbeit.compiled import CompiledStep
 from fastbeit.errors import UserError
 from fastbeit.kernels import use_triton
 from fastbeit.tokenizer.dvae import DOWNSAMPLE, DiscreteVAE, DVAEConfig, Encoder, ResBlock
@@ -129,7 +130,8 @@ class InferenceTokenizer(nn.Module):
             raise UserError("the fused tokenizer head needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         self.eval().requires_grad_(False)
         # not a submodule: the compiled wrapper shares self.body's parameters
-        object.__setattr__(self, "_run_body", torch.compile(self.body, dynamic=False) if compile else self.body)
+        body = CompiledStep(self.body, what="the tokenizer", dynamic=False) if compile else self.body
+        object.__setattr__(self, "_run_body", body)
 
     @property
     def dtype(self) -> torch.dtype:
