@@ -13,7 +13,7 @@ Design (FlashAttention-2):
   (``exp2``, with ``log2 e`` folded into the scale); saves the row log-sum-exp (base 2) ``[B, H, N]``.
 * backward: ``δ = rowsum(dO∘O)`` in a small pre-kernel; then a key-block kernel (dK, dV and
   d(bias)) and a query-block kernel (dQ), both recomputing ``P = exp2(S - lse)`` so that neither
-  needs atomics and the result is deterministic.
+  needs atomics.
 * d(bias) for a shared ``[H, N, N]`` bias: a key-block program loops over a *chunk* of the batch
   and accumulates ``dS = P∘(dP - δ)`` of every image into an fp32 tile it alone owns
   (read-add-write, no atomics). ``chunks`` (≤ 32) is set to fill the GPU; the chunks' partial sums
@@ -28,6 +28,17 @@ with fp32 softmax and accumulators, output in the input dtype; the bias in any f
 fp32 bias with bf16 q under autocast), upcast on load, its gradient returned in its own dtype.
 fp32 inputs multiply at ~fp32 accuracy (3xTF32) unless ``torch.set_float32_matmul_precision``
 allows plain TF32, as for PyTorch's own matmuls.
+
+Repeatability: with no atomics, results are bitwise repeatable as long as the tiles and the d(bias)
+chunk count stay the same. The tiles are pinned (the first candidate of each list below, the same
+on every process; ``FASTBEIT_AUTOTUNE=1`` times them instead, and then the pick may differ between
+processes and runs). The chunk count follows the GPU's SM count, so two kinds of GPU sum d(bias) in
+different orders: a run resumed on another kind of GPU continues with results equal to within
+rounding, not bit for bit.
+
+The model calls :func:`flash_attention_qkv` (the ``fastbeit::flash_attn_qkv_*`` operators), which
+reads q, k, v from the packed projection and writes ``[B, N, H·d]``; :func:`flash_attention` is the
+same kernels for separate q, k, v (an autograd Function, for eager use and tests).
 """
 
 import contextlib
