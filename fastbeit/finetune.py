@@ -21,6 +21,7 @@ processes / 1024``; an explicit ``--lr`` is used as it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import sys
@@ -43,10 +44,13 @@ from fastbeit.classifier import (
 )
 from fastbeit.cli import (
     NonFiniteLoss,
+    add_overwrite_flag,
     add_run_flags,
     amp_context,
     flag_adder,
     resolve_train_val,
+    save_after_interrupt,
+    save_checkpoint_or_warn,
     start_run,
     tell_interrupted,
     tell_non_finite,
@@ -63,13 +67,16 @@ from fastbeit.data.classification import (
 )
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
+from fastbeit.data.workers import data_loader
 from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import build_adamw, cosine_schedule, set_step_values
+from fastbeit.rundir import claim_output
 
 REFERENCE_LR, REFERENCE_BATCH = 4e-3, 1024
+OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")  # what a run writes in --output
 ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
 
 
@@ -131,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(add, "runs/finetune")
     add("--resume", default=None, help="a fine-tuning checkpoint, or 'auto' for OUTPUT/last.pt")
     add("--eval", action="store_true", help="only evaluate (--resume or a classifier --finetune)")
+    add_overwrite_flag(add)
     add("--save_ckpt_freq", type=int, default=1, help="epochs between last.pt saves")
     add("--log_every", type=int, default=20, help="steps between training-loss logs")
     return p
@@ -230,6 +238,8 @@ class FineTuner:
         self.build_model()
         self.build_optimizer()
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main and not args.eval)
+        if args.resume is not None and not args.eval:
+            self.log.keep_until(self.global_step)  # what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -251,11 +261,11 @@ class FineTuner:
             raise UserError(f"{len(self.train_ds)} training images give no full step of {args.batch_size} x "
                             f"{args.update_freq} per process; lower --batch_size or --update_freq")
         pin = self.device.type == "cuda"
-        self.train_loader = torch.utils.data.DataLoader(
+        self.train_loader = data_loader(
             self.train_ds, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.num_workers,
             pin_memory=pin, drop_last=True)
         val_part = torch.utils.data.Subset(self.val_ds, range(self.dist.rank, len(self.val_ds), self.dist.world_size))
-        self.val_loader = torch.utils.data.DataLoader(
+        self.val_loader = data_loader(
             val_part, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=pin)
 
     def resume_checkpoint(self) -> Optional[Dict[str, Any]]:
@@ -462,7 +472,7 @@ class FineTuner:
                 self.end_epoch(train_stats)
         except KeyboardInterrupt:
             bar.close()
-            self.save(self.last_path, "interrupted")
+            save_after_interrupt(lambda: self.save(self.last_path, "interrupted"))
             self.plot()
             return tell_interrupted(self.global_step, self.last_path) if self.dist.is_main else 130
         except NonFiniteLoss as exc:
@@ -476,13 +486,15 @@ class FineTuner:
     def end_epoch(self, train_stats: Dict[str, float]) -> None:
         stats = evaluate(self.model, self.val_loader, self.device, self.args.amp, self.dist)
         improved = stats["acc1"] > self.best_acc1
+        final = self.epoch >= self.args.epochs
         if improved:
             self.best_acc1 = stats["acc1"]
-            self.save(self.best_path, "best", full=False, metrics={"acc1": stats["acc1"], "acc5": stats["acc5"]})
+            save_checkpoint_or_warn(lambda: self.save(self.best_path, "best", full=False, metrics={
+                "acc1": stats["acc1"], "acc5": stats["acc5"]}), final)
         self.log.write({"step": self.global_step, "epoch": self.epoch, **train_stats, **stats,
                         "best_acc1": self.best_acc1})
-        if self.epoch % self.args.save_ckpt_freq == 0 or self.epoch >= self.args.epochs:
-            self.save(self.last_path, "epoch")
+        if self.epoch % self.args.save_ckpt_freq == 0 or final:
+            save_checkpoint_or_warn(lambda: self.save(self.last_path, "epoch"), final)
         self.plot()
         self.say(f"epoch {self.epoch}: train loss {train_stats['train_loss']:.4f}, val top-1 {stats['acc1']:.2f}% "
                  f"top-5 {stats['acc5']:.2f}% (best {self.best_acc1:.2f}%)")
@@ -495,11 +507,15 @@ def build_trainer(argv: Optional[List[str]] = None) -> Tuple[FineTuner, argparse
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    trainer, _ = build_trainer(argv)
-    try:
-        return trainer.run()
-    finally:
-        cleanup(trainer.dist)
+    args = resolve_args(argv)
+    claim = contextlib.nullcontext() if args.eval else claim_output(
+        args.output, OUTPUTS, args.resume is not None, args.overwrite)
+    with claim:
+        trainer = FineTuner(args)
+        try:
+            return trainer.run()
+        finally:
+            cleanup(trainer.dist)
 
 
 if __name__ == "__main__":
