@@ -36,10 +36,12 @@ from fastbeit.cli import add_run_flags, amp_context, flag_adder, resolve_train_v
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, BeitConfig
 from fastbeit.data.classification import build_eval_transform, class_folder_datasets
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
+from fastbeit.data.workers import data_loader
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import cosine_schedule
+from fastbeit.rundir import claim_output
 
 CACHE_VERSION = 1
 
@@ -131,7 +133,7 @@ def cache_key(args: argparse.Namespace, block: int, img_size: int, train_files, 
 def extract(model: BeitForImageClassification, dataset, block: int, args, device: torch.device,
             desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of a whole dataset."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.extract_batch_size, shuffle=False,
+    loader = data_loader(dataset, batch_size=args.extract_batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
     for images, targets in tqdm(loader, desc=desc, disable=args.no_progress, dynamic_ncols=True):
@@ -220,8 +222,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     block = args.block if args.block is not None else max(1, depth * 3 // 4)
     if not 1 <= block <= depth:
         raise UserError(f"--block {block} is out of range: the checkpoint has blocks 1..{depth}")
+    # A rerun overwrites probe.pt on purpose (a cheap, deterministic evaluation that reuses the cached
+    # features); the lock keeps two runs apart.
+    with claim_output(args.output, (), resume=False, overwrite=False) as out:
+        return probe_and_report(args, loaded, block, out)
+
+
+def probe_and_report(args: argparse.Namespace, loaded: LoadedCheckpoint, block: int, out: Path) -> int:
+    """Features (cached or extracted), the probe's training, and its outputs in ``out``."""
     data, cached = load_or_extract_features(args, loaded, block)
-    out = Path(args.output)
     log_path = out / "linprobe.jsonl"
     if log_path.exists():
         log_path.unlink()  # one run per log: the probe is cheap to rerun
