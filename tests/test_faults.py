@@ -44,11 +44,12 @@ def images(tmp_path_factory):
 
 
 def pixel_args(data: Path, out: Path, *extra: str) -> list:
-    """A tiny pre-training run that needs no tokenizer (pixel targets)."""
+    """A tiny pre-training run that needs no tokenizer (pixel targets) nor interpreted Triton kernels."""
     return ["--data", str(data), "--model", "beit_tiny", "--depth", "1", "--input_size", "32", "--patch_size", "4",
             "--second_input_size", "64", "--target", "pixels", "--batch_size", "2", "--epochs", "2",
             "--num_workers", "0", "--num_mask_patches", "20", "--min_mask_patches_per_block", "4",
-            "--output", str(out), "--no_progress", "--log_every", "1", "--amp", "none", "--warmup_epochs", "1", *extra]
+            "--output", str(out), "--no_progress", "--log_every", "1", "--amp", "none", "--warmup_epochs", "1",
+            "--kernels", "reference", "--attn", "sdpa", *extra]
 
 
 def logged_steps(out: Path) -> list:
