@@ -136,15 +136,18 @@ def save_checkpoint_or_warn(save: Callable[[], None], final: bool) -> bool:
     """One checkpoint save, whole (a signal during it acts after it). A failed save of a run that goes
     on warns and keeps training (the next save retries; the previous checkpoint is intact); a failed
     final save raises :class:`~fastbeit.checkpoint.CheckpointWriteError` (an ``error:`` line)."""
-    try:
-        with whole_step():
+    with _signals_held() as held:
+        try:
             save()
-        return True
-    except CheckpointWriteError as exc:
-        if final:
-            raise
-        print(f"warning: {exc}; training goes on and the next save tries again", file=sys.stderr)
-        return False
+            saved = True
+        except CheckpointWriteError as exc:
+            if final:
+                raise
+            print(f"warning: {exc}; training goes on and the next save tries again", file=sys.stderr)
+            saved = False
+    if held:  # after the warning too: the interrupt's own save tries again
+        raise KeyboardInterrupt(f"signal {held[0]}")
+    return saved
 
 
 def save_after_interrupt(save: Callable[[], None]) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from fastbeit import finetune, pretrain, segment
 from fastbeit.checkpoint import CheckpointWriteError, atomic_save
-from fastbeit.cli import save_after_interrupt
+from fastbeit.cli import save_after_interrupt, save_checkpoint_or_warn
 from fastbeit.data.workers import IgnoreInterrupts
 from fastbeit.errors import UserError
 from fastbeit.logging_utils import JsonlLogger, read_jsonl
@@ -299,3 +299,15 @@ def test_a_second_ctrl_c_does_not_abort_the_interrupt_save(tmp_path, monkeypatch
     assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["model"]["w"], torch.ones(3))
     assert "still writing the checkpoint" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_a_failing_epoch_save_still_stops_the_run(capsys):
+    def save():
+        os.kill(os.getpid(), signal.SIGINT)
+        raise CheckpointWriteError("could not write the checkpoint c.pt: disk full (x); the previous one is intact")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_or_warn(save, final=False)
+    assert "warning: could not write the checkpoint" in capsys.readouterr().err
+    with pytest.raises(CheckpointWriteError):
+        save_checkpoint_or_warn(save, final=True)

@@ -3,7 +3,9 @@
 A scheduler's pre-emption (SLURM, ``scancel``, systemd, ``kill -TERM -- -PGID``) and a terminal's
 Ctrl-C signal the whole process group. Workers that die of it make the main process fail with
 "DataLoader worker ... is killed by signal" before it can save; workers that ignore it keep
-serving until the main process has saved its checkpoint and shuts them down.
+serving until the main process has saved its checkpoint and shuts them down. (The DALI loader
+needs nothing of the kind: its decoding threads live in the main process, where only the main
+thread runs Python's signal handlers, and it starts no worker processes.)
 """
 
 from __future__ import annotations
