@@ -86,10 +86,11 @@ def test_every_loader_in_the_package_uses_the_signal_safe_workers():
     assert not offenders, f"build DataLoaders with fastbeit.data.workers.data_loader: {offenders}"
 
 
-def test_sigterm_to_the_process_group_with_workers_saves_and_locks_out_a_second_run(images, tmp_path, capsys):
-    """What SLURM pre-emption, scancel and ``kill -TERM -- -PGID`` do: every process gets SIGTERM."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastbeit.pretrain", *pixel_args(images, out, "--num_workers", "2", "--epochs", "50")]
+def signal_group_while_training(module: str, argv: list, out: Path, sig: int, while_running=None) -> str:
+    """Start ``python -m module argv`` in its own process group (the main process and its DataLoader
+    workers), wait until it has logged two steps, run ``while_running(pid)``, send ``sig`` to the whole
+    group; return its stderr after asserting it saved and exited with 130."""
+    cmd = [sys.executable, "-m", module, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -99,20 +100,45 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_locks_out_a_second_
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() < deadline, "the run did not start training"
             time.sleep(0.2)
-        # a second run on the same folder while this one lives: refused, not interleaved
-        err = refused(pretrain.main, pixel_args(images, out, "--resume", "auto"), capsys)
-        assert "in use by another run" in err and str(proc.pid) in err
-        os.killpg(proc.pid, signal.SIGTERM)
+        if while_running is not None:
+            while_running(proc.pid)
+        os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, err[-3000:]
-    assert "killed by signal" not in err
+    assert "killed by signal" not in err and "Traceback" not in err, err[-3000:]
+    assert not (out / LOCK_NAME).exists()  # released at exit
+    return err
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_locks_out_a_second_run(images, tmp_path, capsys):
+    """What SLURM pre-emption, scancel and ``kill -TERM -- -PGID`` do: every process gets SIGTERM."""
+    out = tmp_path / "run"
+
+    def second_run(pid: int) -> None:  # on the same folder while the first lives: refused, not interleaved
+        err = refused(pretrain.main, pixel_args(images, out, "--resume", "auto"), capsys)
+        assert "in use by another run" in err and str(pid) in err
+
+    signal_group_while_training("fastbeit.pretrain", pixel_args(images, out, "--num_workers", "2", "--epochs", "50"),
+                                out, signal.SIGTERM, second_run)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["reason"] == "interrupted" and ckpt["global_step"] >= 2
-    assert not (out / LOCK_NAME).exists()  # released at exit
+
+
+def test_sigterm_to_the_process_group_saves_the_segmentation_run(tmp_path):
+    """As for pre-training; segmentation lost its whole run to it."""
+    from test_segment import SCRATCH, TINY_FLAGS, make_camvid
+
+    data, out = make_camvid(tmp_path / "camvid", n_train=40, n_val=1), tmp_path / "seg"
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--num_workers") + 1] = "2"
+    flags[flags.index("--eval_every") + 1] = "100"
+    signal_group_while_training("fastbeit.segment", ["--data", str(data), *SCRATCH, *flags, "--epochs", "50",
+                                                     "--output", str(out)], out, signal.SIGTERM)
+    assert torch.load(out / "last.pt", weights_only=True)["reason"] == "interrupted"
 
 
 # --- 2. re-running into an existing run --------------------------------------------------------
