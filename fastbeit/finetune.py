@@ -238,8 +238,7 @@ class FineTuner:
         self.build_model()
         self.build_optimizer()
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main and not args.eval)
-        if args.resume is not None and not args.eval:
-            self.log.keep_until(self.global_step)  # what a lost stretch logged is logged again
+        self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:
         if self.dist.is_main:

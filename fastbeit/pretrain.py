@@ -344,8 +344,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main)
-        if args.resume is not None:
-            self.log.keep_until(self.global_step)  # what a lost stretch logged is logged again
+        self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:
         if self.dist.is_main:

@@ -265,8 +265,7 @@ class Trainer:
         if saved is not None:
             self.restore(saved)
         self.log = JsonlLogger(self.out / "metrics.jsonl")
-        if args.resume is not None:
-            self.log.keep_until(self.global_step)  # what a lost stretch logged is logged again
+        self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def read_resume(self) -> Optional[Dict[str, Any]]:
         path = self.args.resume
