@@ -56,9 +56,12 @@ class OutputLock:
             int(holder["pid"])
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            age = time.time() - self.path.stat().st_mtime if self.path.exists() else TORN_LOCK_GRACE_S
-            return None if age >= TORN_LOCK_GRACE_S else {"pid": "?", "host": "?", "note": "being written"}
+        except (OSError, ValueError, KeyError, TypeError):  # torn: a crash while writing it, or being written now
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return None
+            return None if age >= TORN_LOCK_GRACE_S else {"pid": "?", "host": "?"}
         pid = int(holder["pid"])
         if holder.get("host") != socket.gethostname():
             return holder  # cannot tell from here whether it is alive
@@ -80,7 +83,7 @@ class OutputLock:
                         f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on host "
                         f"{holder.get('host')}): give this run another --output, or if that run is gone, delete "
                         f"{self.path}") from None
-                if not self._own_stale():
+                if not self._ours():
                     print(f"note: taking over the stale lock {self.path} (its run is gone)", file=sys.stderr)
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
@@ -94,7 +97,7 @@ class OutputLock:
             return
         raise UserError(f"could not take the lock {self.path}: another run keeps taking it")
 
-    def _own_stale(self) -> bool:
+    def _ours(self) -> bool:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             holder = json.loads(self.path.read_text())
             return int(holder["pid"]) == os.getpid() and holder.get("host") == socket.gethostname()
@@ -103,7 +106,7 @@ class OutputLock:
     def release(self) -> None:
         if self.held:
             self.held = False
-            if self._own_stale():
+            if self._ours():
                 with contextlib.suppress(OSError):
                     self.path.unlink()
             atexit.unregister(self.release)

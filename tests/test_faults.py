@@ -69,12 +69,14 @@ def refused(main, argv, capsys) -> str:
 
 
 def test_workers_ignore_interrupts_and_still_run_the_given_init():
-    calls = []
+    calls, hook = [], sys.excepthook
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         IgnoreInterrupts(calls.append)(3)
         assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in previous)
+        sys.excepthook(ConnectionResetError, ConnectionResetError(104, "reset"), None)  # silent
     finally:
+        sys.excepthook = hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert calls == [3]
@@ -193,6 +195,11 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, capsys):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert "taking over the stale lock" in capsys.readouterr().err
     assert not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text('{"pid": 12')  # torn by a crash long ago
+    os.utime(tmp_path / LOCK_NAME, (time.time() - 3600,) * 2)
+    with claim_output(tmp_path, ("checkpoint.pt",), resume=False, overwrite=False):
+        pass
+    assert "taking over the stale lock" in capsys.readouterr().err
 
 
 def test_only_the_main_rank_takes_the_lock(tmp_path, monkeypatch):

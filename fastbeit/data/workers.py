@@ -11,6 +11,7 @@ thread runs Python's signal handlers, and it starts no worker processes.)
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,8 +26,22 @@ class IgnoreInterrupts:
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.excepthook = _QuietOnReset(sys.excepthook)
         if self.then is not None:
             self.then(worker_id)
+
+
+class _QuietOnReset:
+    """An interrupt that reaches the main process while it receives a batch drops the connection a
+    worker's file-descriptor-sharing thread was serving; that thread then reports the reset through
+    ``sys.excepthook`` as a traceback. Nothing is lost (the batch is not used), so say nothing."""
+
+    def __init__(self, previous: Callable[..., Any]) -> None:
+        self.previous = previous
+
+    def __call__(self, exc_type, exc, tb) -> None:
+        if not issubclass(exc_type, ConnectionError):
+            self.previous(exc_type, exc, tb)
 
 
 def data_loader(dataset, **kwargs: Any) -> torch.utils.data.DataLoader:
