@@ -288,6 +288,21 @@ def test_a_failed_final_save_is_one_error_line(images, tmp_path, monkeypatch, ca
     assert not any(s in err for s in TORCH_INTERNALS) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_failed_interrupt_save_is_one_error_line(images, tmp_path, monkeypatch, capsys):
+    real_step, calls = pretrain.Trainer.step, []
+
+    def step(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(pretrain.Trainer, "step", step)
+    failing_torch_save(monkeypatch, fail_calls=set(range(1, 100)))
+    err = refused(pretrain.main, pixel_args(images, tmp_path), capsys)
+    assert "could not write the checkpoint" in err and "interrupted at step" not in err
+
+
 def test_an_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
