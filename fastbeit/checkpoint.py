@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -31,18 +33,78 @@ ARCH_FIELDS = (
 )
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# atomic_save's temporary files: ``.<name>.<8 random characters>.tmp`` beside the target.
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, read-only, no permission); the old file is intact."""
+
+
+def _write_failure(path: Path, exc: BaseException) -> CheckpointWriteError:
+    reasons = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EFBIG: "file too large"}
+    reason = reasons.get(getattr(exc, "errno", None), "disk full / read-only")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "inline_container" in detail or "PytorchStreamWriter" in detail:  # torch's C++ writer: say what it means
+        detail = "the write stopped short"
+    return CheckpointWriteError(f"could not write the checkpoint {path}: {reason} ({detail[:200]}); "
+                                "the previous checkpoint is intact")
+
+
+def _fsync_dir(folder: Path) -> None:
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename itself is still atomic
     finally:
-        if os.path.exists(tmp):
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, fsync it, then rename: a crash or power loss never
+    leaves half a file, and the file gets the user's umask (not mkstemp's 0600). A failed write
+    raises :class:`CheckpointWriteError` and leaves the previous file at ``path`` untouched."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        torch.save(obj, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        raise _write_failure(path, exc) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> List[Path]:
+    """Delete the temporary files a killed :func:`atomic_save` left in ``folder`` (a checkpoint's size
+    each); call it only while holding the folder's lock, so no live save's file is taken."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if TEMP_NAME.match(tmp.name) and tmp.is_file():
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def rng_state() -> Dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from fastbeit.checkpoint import CheckpointWriteError
 from fastbeit.distributed import DistInfo, init_distributed
 from fastbeit.errors import UserError
 
@@ -89,26 +90,70 @@ class NonFiniteLoss(RuntimeError):
 
 
 @contextlib.contextmanager
+def _signals_held(note: Optional[str] = None) -> Iterator[List[int]]:
+    """Record Ctrl-C and SIGTERM instead of acting on them while the block runs (main thread only);
+    the caller decides what the recorded signals mean. Signals a process ignores stay ignored."""
+    held: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+        if note:
+            print(note, file=sys.stderr)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, hold)
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def whole_step() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM until the block (one optimizer step and its counters) is done, then
     raise KeyboardInterrupt: an interrupt mid-update would save half-updated weights under the old
     step count, and a resumed run would not continue where this one stopped. Signals a process
     ignores (SIGINT in a background job) stay ignored."""
-    if threading.current_thread() is not threading.main_thread():
+    with _signals_held() as held:
         yield
-        return
-    held: List[int] = []
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if held:
         raise KeyboardInterrupt(f"signal {held[0]}")
+
+
+def add_overwrite_flag(add: Callable[..., None]) -> None:
+    add("--overwrite", action="store_true",
+        help="delete the earlier run in --output and start afresh (without it, a folder that holds a run is "
+             "refused unless --resume continues it)")
+
+
+def save_checkpoint_or_warn(save: Callable[[], None], final: bool) -> bool:
+    """One checkpoint save, whole (a signal during it acts after it). A failed save of a run that goes
+    on warns and keeps training (the next save retries; the previous checkpoint is intact); a failed
+    final save raises :class:`~fastbeit.checkpoint.CheckpointWriteError` (an ``error:`` line)."""
+    with _signals_held() as held:
+        try:
+            save()
+            saved = True
+        except CheckpointWriteError as exc:
+            if final:
+                raise
+            print(f"warning: {exc}; training goes on and the next save tries again", file=sys.stderr)
+            saved = False
+    if held:  # after the warning too: the interrupt's own save tries again
+        raise KeyboardInterrupt(f"signal {held[0]}")
+    return saved
+
+
+def save_after_interrupt(save: Callable[[], None]) -> None:
+    """The save an interrupt asked for: a second Ctrl-C or SIGTERM during it does not abort it."""
+    with _signals_held("still writing the checkpoint; the run stops when it is safely on disk"):
+        save()
 
 
 def tell_interrupted(step: int, checkpoint: Path) -> int:

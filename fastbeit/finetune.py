@@ -21,6 +21,7 @@ processes / 1024``; an explicit ``--lr`` is used as it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import sys
@@ -43,10 +44,13 @@ from fastbeit.classifier import (
 )
 from fastbeit.cli import (
     NonFiniteLoss,
+    add_overwrite_flag,
     add_run_flags,
     amp_context,
     flag_adder,
     resolve_train_val,
+    save_after_interrupt,
+    save_checkpoint_or_warn,
     start_run,
     tell_interrupted,
     tell_non_finite,
@@ -69,9 +73,11 @@ from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import build_adamw, cosine_schedule, no_decay_names, set_step_values
+from fastbeit.rundir import claim_output
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 REFERENCE_LR, REFERENCE_BATCH = 4e-3, 1024
+OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")  # what a run writes in --output
 ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
 
 
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(add, "runs/finetune")
     add("--resume", default=None, help="a fine-tuning checkpoint, or 'auto' for OUTPUT/last.pt")
     add("--eval", action="store_true", help="only evaluate (--resume or a classifier --finetune)")
+    add_overwrite_flag(add)
     add("--save_ckpt_freq", type=int, default=1, help="epochs between last.pt saves")
     add("--log_every", type=int, default=20, help="steps between training-loss logs")
     return p
@@ -253,6 +260,7 @@ class FineTuner:
         self.build_model()
         self.build_optimizer()
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main and not args.eval)
+        self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -487,7 +495,7 @@ class FineTuner:
                 self.end_epoch(train_stats)
         except KeyboardInterrupt:
             bar.close()
-            self.save(self.last_path, "interrupted")
+            save_after_interrupt(lambda: self.save(self.last_path, "interrupted"))
             self.plot()
             return tell_interrupted(self.global_step, self.last_path) if self.dist.is_main else 130
         except NonFiniteLoss as exc:
@@ -501,13 +509,15 @@ class FineTuner:
     def end_epoch(self, train_stats: Dict[str, float]) -> None:
         stats = evaluate(self.model, self.val_loader, self.device, self.args.amp, self.dist)
         improved = stats["acc1"] > self.best_acc1
+        final = self.epoch >= self.args.epochs
         if improved:
             self.best_acc1 = stats["acc1"]
-            self.save(self.best_path, "best", full=False, metrics={"acc1": stats["acc1"], "acc5": stats["acc5"]})
+            save_checkpoint_or_warn(lambda: self.save(self.best_path, "best", full=False, metrics={
+                "acc1": stats["acc1"], "acc5": stats["acc5"]}), final)
         self.log.write({"step": self.global_step, "epoch": self.epoch, **train_stats, **stats,
                         "best_acc1": self.best_acc1})
-        if self.epoch % self.args.save_ckpt_freq == 0 or self.epoch >= self.args.epochs:
-            self.save(self.last_path, "epoch")
+        if self.epoch % self.args.save_ckpt_freq == 0 or final:
+            save_checkpoint_or_warn(lambda: self.save(self.last_path, "epoch"), final)
         self.plot()
         self.say(f"epoch {self.epoch}: train loss {train_stats['train_loss']:.4f}, val top-1 {stats['acc1']:.2f}% "
                  f"top-5 {stats['acc5']:.2f}% (best {self.best_acc1:.2f}%)")
@@ -520,11 +530,15 @@ def build_trainer(argv: Optional[List[str]] = None) -> Tuple[FineTuner, argparse
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    trainer, _ = build_trainer(argv)
-    try:
-        return trainer.run()
-    finally:
-        cleanup(trainer.dist)
+    args = resolve_args(argv)
+    claim = contextlib.nullcontext() if args.eval else claim_output(
+        args.output, OUTPUTS, args.resume is not None, args.overwrite)
+    with claim:
+        trainer = FineTuner(args)
+        try:
+            return trainer.run()
+        finally:
+            cleanup(trainer.dist)
 
 
 if __name__ == "__main__":

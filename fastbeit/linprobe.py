@@ -42,6 +42,7 @@ from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import cosine_schedule
+from fastbeit.rundir import claim_output
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 CACHE_VERSION = 1
@@ -230,8 +231,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     block = args.block if args.block is not None else max(1, depth * 3 // 4)
     if not 1 <= block <= depth:
         raise UserError(f"--block {block} is out of range: the checkpoint has blocks 1..{depth}")
+    # A rerun overwrites probe.pt on purpose (a cheap, deterministic evaluation that reuses the cached
+    # features); the lock keeps two runs apart.
+    with claim_output(args.output, (), resume=False, overwrite=False) as out:
+        return probe_and_report(args, loaded, block, out)
+
+
+def probe_and_report(args: argparse.Namespace, loaded: LoadedCheckpoint, block: int, out: Path) -> int:
+    """Features (cached or extracted), the probe's training, and its outputs in ``out``."""
     data, cached = load_or_extract_features(args, loaded, block)
-    out = Path(args.output)
     log_path = out / "linprobe.jsonl"
     if log_path.exists():
         log_path.unlink()  # one run per log: the probe is cheap to rerun

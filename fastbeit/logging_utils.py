@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 
 class JsonlLogger:
@@ -15,22 +16,59 @@ class JsonlLogger:
     def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.failed = False
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep_until(self, step: int) -> int:
+        """On resuming at global step ``step``: drop the records after it (logged by the part of the
+        earlier run that no checkpoint kept, and about to be logged again) and any torn line, so the
+        log reads as one run. Returns how many lines were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        records = [r for r in map(_parse, text.splitlines()) if r is not None]
+        kept = [json.dumps(r) for r in records if not (_number(r.get("step")) and r["step"] > step)]
+        dropped = sum(1 for line in text.splitlines() if line.strip()) - len(kept)
+        if dropped or not text.endswith("\n"):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return dropped
 
     def write(self, record: Dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk must not stop training; readers skip a torn line
+            if not self.failed:
+                print(f"warning: could not append to {self.path} ({exc.strerror or exc}); training goes on",
+                      file=sys.stderr)
+            self.failed = True
+
+
+def _parse(line: str) -> Optional[Dict]:
+    """One record, or None for a blank, torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_jsonl(path: str | os.PathLike) -> List[Dict]:
+    """The records of a JSONL log; a torn line (a crash or full disk during an append) is skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [r for r in map(_parse, fh) if r is not None]
 
 
 def plot_curves(
@@ -48,7 +86,7 @@ def plot_curves(
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r[x_key], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+        pts = [(r[x_key], r[key]) for r in rows if _number(r.get(key)) and _number(r[x_key])]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
         ax.set_xlabel(x_key)
@@ -57,7 +95,12 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        print(f"warning: could not write the plot {path} ({exc.strerror or exc})", file=sys.stderr)
+        return False
+    finally:
+        plt.close(fig)
     return True

@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,9 +34,12 @@ from fastbeit.checkpoint import (
 )
 from fastbeit.cli import (
     NonFiniteLoss,
+    add_overwrite_flag,
     add_run_flags,
     amp_context,
     flag_adder,
+    save_after_interrupt,
+    save_checkpoint_or_warn,
     start_run,
     tell_interrupted,
     tell_non_finite,
@@ -60,12 +64,14 @@ from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
 from fastbeit.model import BeitForMaskedImageModeling
 from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, no_decay_names, set_step_values
+from fastbeit.rundir import claim_output
 from fastbeit.tokenizer.infer import DEFAULT_PRECISION, PRECISIONS, InferenceTokenizer
 from fastbeit.tokenizer.infer import build_tokenizer as build_inference_tokenizer
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 TOKENIZER_DOWNSAMPLE = 8
 SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "sample"
+OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "curves.png")  # what a run writes in --output
 
 # Defaults of the faithful recipe (DESIGN.md §3) for real data, and of the built-in demo.
 RECIPE_DEFAULTS: Dict[str, Any] = dict(
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--save_ckpt_freq", type=int, default=1, help="epochs between checkpoints")
     add("--log_every", type=int, default=10, help="steps between metric logs (host syncs)")
     add_run_flags(add, None)
+    add_overwrite_flag(add)
     return p
 
 
@@ -370,6 +377,7 @@ class Trainer:
         if args.compile:  # outermost: dynamo sees DDP and splits the graph at its gradient buckets
             self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say)
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+        self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -481,16 +489,18 @@ class Trainer:
                         break
                 if step_in_epoch >= self.steps_per_epoch:
                     epoch, step_in_epoch = epoch + 1, 0
-                if self.dist.is_main and (epoch % args.save_ckpt_freq == 0 or self.global_step >= total_steps
-                                          or epoch >= args.epochs):
-                    save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, args,
-                                    epoch, step_in_epoch, self.global_step, "epoch")
+                final = self.global_step >= total_steps or epoch >= args.epochs
+                if self.dist.is_main and (epoch % args.save_ckpt_freq == 0 or final):
+                    save_checkpoint_or_warn(partial(
+                        save_checkpoint, self.ckpt_path, self.model, self.optimizer, self.scaler, args, epoch,
+                        step_in_epoch, self.global_step, "epoch"), final)
                     self.plot()
         except KeyboardInterrupt:
             bar.close()
             if self.dist.is_main:
-                save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, args,
-                                epoch, step_in_epoch, self.global_step, "interrupted")
+                save_after_interrupt(partial(
+                    save_checkpoint, self.ckpt_path, self.model, self.optimizer, self.scaler, args, epoch,
+                    step_in_epoch, self.global_step, "interrupted"))
                 self.plot()
                 return tell_interrupted(self.global_step, self.ckpt_path)
             return 130
@@ -540,11 +550,12 @@ class Trainer:
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     args = resolve_args(argv)
-    trainer = Trainer(args)
-    try:
-        return trainer.train()
-    finally:
-        cleanup(trainer.dist)
+    with claim_output(args.output, OUTPUTS, args.resume is not None, args.overwrite):
+        trainer = Trainer(args)
+        try:
+            return trainer.train()
+        finally:
+            cleanup(trainer.dist)
 
 
 if __name__ == "__main__":

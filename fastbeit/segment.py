@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -32,9 +33,12 @@ from fastbeit.checkpoint import atomic_save, load_checkpoint, load_model_state, 
 from fastbeit.classifier import REL_POS_MODES
 from fastbeit.cli import (
     NonFiniteLoss,
+    add_overwrite_flag,
     add_run_flags,
     amp_context,
     flag_adder,
+    save_after_interrupt,
+    save_checkpoint_or_warn,
     tell_interrupted,
     tell_non_finite,
     whole_step,
@@ -42,9 +46,11 @@ from fastbeit.cli import (
 from fastbeit.config import ATTN_BACKENDS, PRESETS, BeitConfig, make_config
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
+from fastbeit.data.workers import data_loader
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
 from fastbeit.optim import build_adamw
+from fastbeit.rundir import claim_output
 from fastbeit.segmentation.backbone import segmentation_config
 from fastbeit.segmentation.data import check_classes, open_split, read_class_names
 from fastbeit.segmentation.head import resize_to
@@ -57,6 +63,7 @@ from fastbeit.segmentation.transforms import EvalTransform, TrainTransform
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 KIND = "segmentation"
+OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")  # what a training run writes in --output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval_only", action="store_true", help="evaluate the --resume checkpoint on --val_split and stop")
     add_run_flags(add, "runs/segment")
     add("--resume", default=None, help="a segmentation checkpoint, or 'auto' for OUTPUT/last.pt")
+    add_overwrite_flag(add)
     add("--log_every", type=int, default=10, help="steps between training-loss logs")
     add("--num_workers", type=int, default=4)
     return p
@@ -250,7 +258,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(self.train_set)} training images give no full batch of {args.batch_size}; "
                             "lower --batch_size")
-        self.loader = torch.utils.data.DataLoader(
+        self.loader = data_loader(
             self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.num_workers,
             drop_last=True, pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
         self.total_steps = args.epochs * self.steps_per_epoch
@@ -262,6 +270,7 @@ class Trainer:
         if saved is not None:
             self.restore(saved)
         self.log = JsonlLogger(self.out / "metrics.jsonl")
+        self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def read_resume(self) -> Optional[Dict[str, Any]]:
         path = self.args.resume
@@ -325,7 +334,7 @@ class Trainer:
         """Sliding-window predictions on the validation split → mIoU and friends."""
         was_training = self.model.training
         self.model.eval()
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=1, num_workers=self.args.num_workers,
+        loader = data_loader(self.val_set, batch_size=1, num_workers=self.args.num_workers,
                                              generator=torch.Generator())  # leaves the global RNG alone
         conf = torch.zeros(self.model.num_classes, self.model.num_classes, dtype=torch.int64)
         for image, label in tqdm(loader, desc="eval", leave=False, disable=not show or self.args.no_progress):
@@ -412,12 +421,14 @@ class Trainer:
                                f"  (best {100 * max(self.best_miou, metrics['mIoU']):.2f})")
                     if metrics["mIoU"] > self.best_miou:
                         self.best_miou = metrics["mIoU"]
-                        self.save(self.best_path, epoch, step_in_epoch, "best", metrics)
-                self.save(self.last_path, epoch, step_in_epoch, "epoch", metrics)
+                        save_checkpoint_or_warn(
+                            partial(self.save, self.best_path, epoch, step_in_epoch, "best", metrics), finished)
+                save_checkpoint_or_warn(
+                    partial(self.save, self.last_path, epoch, step_in_epoch, "epoch", metrics), finished)
                 self.plot()
         except KeyboardInterrupt:
             bar.close()
-            self.save(self.last_path, epoch, step_in_epoch, "interrupted")
+            save_after_interrupt(lambda: self.save(self.last_path, epoch, step_in_epoch, "interrupted"))
             self.plot()
             return tell_interrupted(self.global_step, self.last_path)
         except NonFiniteLoss as exc:
@@ -460,8 +471,10 @@ class Trainer:
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     args = resolve_args(argv)
-    trainer = Trainer(args)
-    return trainer.evaluate_only() if args.eval_only else trainer.train()
+    if args.eval_only:
+        return Trainer(args).evaluate_only()
+    with claim_output(args.output, OUTPUTS, args.resume is not None, args.overwrite):
+        return Trainer(args).train()
 
 
 if __name__ == "__main__":

@@ -247,6 +247,7 @@ def test_out_of_the_box_demo_starts(tmp_path):
     assert code == 0 and (tmp_path / "checkpoint.pt").is_file()
 
 
+@pytest.mark.extras
 def test_dali_loader_in_cpu_mode_trains(tiny_setup, tmp_path):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
     args = tiny_args(tiny_setup, tmp_path, "--loader", "dali", "--max_steps", "2", "--num_workers", "1")

@@ -17,6 +17,7 @@ from fastbeit.config import make_config
 from fastbeit.errors import UserError
 from fastbeit.model import BeitForMaskedImageModeling
 from fastbeit.segmentation.backbone import BeitBackbone, scaled_out_indices, segmentation_config
+from fastbeit.segmentation.data import open_split
 from fastbeit.segmentation.inference import slide_logits, window_starts
 from fastbeit.segmentation.metrics import confusion_matrix, segmentation_metrics
 from fastbeit.segmentation.model import BeitSegmenter, HeadConfig
@@ -259,3 +260,19 @@ def test_clear_errors(tmp_path, camvid, capsys):
     torch.save({"model": {}, "kind": "segmentation", "config": {}}, tmp_path / "seg.pt")
     err = run_error(["--data", str(camvid), *TINY_FLAGS, "--finetune", str(tmp_path / "seg.pt")], capsys)
     assert "use --resume" in err or "continue it with --resume" in err
+
+
+def test_a_truncated_image_is_skipped_in_the_workers(tmp_path):
+    """Its header passes the up-front check; decoding fails in a DataLoader worker mid-epoch."""
+    data = make_camvid(tmp_path / "truncated")
+    image = data / "train" / "images" / "train_001.jpg"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size * 4 // 5])
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--num_workers") + 1] = "2"
+    assert segment.main(["--data", str(data), *SCRATCH, *flags, "--epochs", "1", "--eval_every", "5",
+                         "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "last.pt").is_file()
+    dataset, _ = open_split(data, "train", lambda img, label: (img.size, label.shape), 3, 11)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*train_001.jpg"):
+        assert dataset[1] == ((64, 48), (48, 64))  # the next pair stands in
+    assert dataset.bad_files == [str(image)]

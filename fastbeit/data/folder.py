@@ -20,9 +20,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from fastbeit.data.workers import data_loader
 from fastbeit.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -216,7 +217,7 @@ class ImageLoader:
     def __init__(self, dataset, **loader_kwargs) -> None:
         self.dataset = dataset
         self.folder = folder_dataset(dataset)
-        self.loader = DataLoader(dataset, collate_fn=drop_skipped, **loader_kwargs)
+        self.loader = data_loader(dataset, collate_fn=drop_skipped, **loader_kwargs)  # workers leave signals alone
 
     def __len__(self) -> int:
         return len(self.loader)

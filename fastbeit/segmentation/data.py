@@ -8,6 +8,7 @@ so a bad file is named before training starts rather than deep inside a DataLoad
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -97,7 +98,7 @@ def check_classes(num_classes: int, ignore_index: int) -> None:
 
 
 class SegmentationDataset:
-    """``transform(rgb PIL image, uint8 label array)`` for each pair.
+    """``transform(rgb PIL image, uint8 label array)`` for each pair; an undecodable image is skipped.
 
     The transform's random draws come from torch's RNG seeded by (seed, epoch, index), so an
     epoch's augmentations are the same with any number of workers and after a resume.
@@ -109,6 +110,7 @@ class SegmentationDataset:
         self.transform = transform
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.seed, self.epoch = seed, 0
+        self.bad_files: List[str] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -116,13 +118,26 @@ class SegmentationDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def _report_bad(self, path: Path, exc: Exception) -> None:
+        if str(path) not in self.bad_files:
+            self.bad_files.append(str(path))
+            warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=3)
+
+    def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
+        """The pair at ``index`` or, if its image cannot be decoded (a truncated file passes the up-front
+        header check), the next readable pair, as :class:`fastbeit.data.folder.ImageFolderDataset` does."""
+        for step in range(len(self.pairs)):
+            image_path, label_path = self.pairs[(index + step) % len(self.pairs)]
+            try:
+                image = load_rgb(image_path)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                self._report_bad(image_path, exc)
+                continue
+            return image, read_label(label_path, self.num_classes, self.ignore_index)
+        raise UserError(f"none of the {len(self.pairs)} images of this split could be read")
+
     def __getitem__(self, index: int):
-        image_path, label_path = self.pairs[index]
-        try:
-            image = load_rgb(image_path)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"image {image_path} cannot be read: {exc}") from None
-        label = read_label(label_path, self.num_classes, self.ignore_index)
+        image, label = self.load(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
             return self.transform(image, label)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -35,16 +34,20 @@ from torchvision.transforms import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from fastbeit.checkpoint import load_checkpoint
-from fastbeit.cli import whole_step
+from fastbeit.checkpoint import atomic_save, load_checkpoint
+from fastbeit.cli import save_after_interrupt, save_checkpoint_or_warn, whole_step
 from fastbeit.data.folder import ImageFolderDataset, ImageLoader
 from fastbeit.data.transforms import map_pixels, sample_crop_box, unmap_pixels
 from fastbeit.errors import UserError, cli_entry
+from fastbeit.logging_utils import JsonlLogger
+from fastbeit.rundir import claim_output
 from fastbeit.tokenizer.dvae import LOSSES, DiscreteVAE, DVAEConfig, GumbelNoisePool, save_tokenizer
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 RESUME_KEYS = ("model", "optimizer", "config", "step", "epoch", "elapsed")
+LOG = "log.jsonl"
+OUTPUTS = (CHECKPOINT, LOG, "tokenizer.safetensors", "tokenizer.json", "metrics.json", "recon.png")
 
 
 class TrainTransform:
@@ -143,13 +146,6 @@ def save_recon_grid(model: DiscreteVAE, x: torch.Tensor, path: Path) -> None:
     save_image(torch.cat([unmap_pixels(x.float()), recon]).cpu(), str(path), nrow=x.shape[0], padding=2)
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save through a temporary file so an interrupted write never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastbeit.tokenizer.train", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="image folder (recursive)")
@@ -190,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: OUTPUT/checkpoint.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the earlier run in --output and start afresh (without it, a folder that holds a "
+                        "run is refused unless --resume continues it)")
     return p
 
 
@@ -298,8 +297,9 @@ def train(a: argparse.Namespace, model: DiscreteVAE, opt: torch.optim.Optimizer,
                      "elapsed": state.elapsed, "args": vars(a)}, out / CHECKPOINT)
 
     model.train()
+    JsonlLogger(out / LOG).keep_until(state.step)  # a resumed run logs its lost stretch again
     try:
-        with open(out / "log.jsonl", "a") as log:
+        with open(out / LOG, "a") as log:
             while state.epoch < a.epochs and progress() < 1.0:
                 bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", dynamic_ncols=True, mininterval=2.0)
                 tick, batches = time.perf_counter(), 0
@@ -335,9 +335,9 @@ def train(a: argparse.Namespace, model: DiscreteVAE, opt: torch.optim.Optimizer,
                     if progress() >= 1.0:
                         break
                 state.epoch += batches == len(loader)  # a budget stop mid-epoch leaves it unfinished
-                checkpoint()
+                save_checkpoint_or_warn(checkpoint, final=state.epoch >= a.epochs or progress() >= 1.0)
     except KeyboardInterrupt:
-        checkpoint()
+        save_after_interrupt(checkpoint)
         print(f"\ninterrupted: checkpoint saved to {out / CHECKPOINT}; continue with --resume")
         raise SystemExit(130) from None
     return progress()
@@ -372,13 +372,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Run training; returns the final metrics (also written to OUTPUT/metrics.json)."""
     a = build_parser().parse_args(argv)
     _check_args(a)
+    with claim_output(a.output, OUTPUTS, a.resume is not None, a.overwrite) as out:
+        return run(a, out)
+
+
+def run(a: argparse.Namespace, out: Path) -> Dict[str, float]:
+    """Set up from the parsed flags and train into the claimed folder ``out``."""
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     amp = (a.amp or ("bf16" if device.type == "cuda" else "none")) == "bf16"
-    out = Path(a.output)
     ckpt = read_resume(_resume_path(a, out))
-    out.mkdir(parents=True, exist_ok=True)
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     train_loader, val_loader = build_data(a)
