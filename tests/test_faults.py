@@ -88,6 +88,19 @@ def test_every_loader_in_the_package_uses_the_signal_safe_workers():
     assert not offenders, f"build DataLoaders with fastbeit.data.workers.data_loader: {offenders}"
 
 
+def test_a_process_exits_with_live_interrupt_ignoring_workers():
+    """multiprocessing stops live daemonic children at exit with SIGTERM and joins them; workers
+    that ignore SIGTERM made that join wait forever (a pytest run that never ended)."""
+    script = ("import sys\n"
+              "from fastbeit.data.workers import data_loader\n"
+              "loader = data_loader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True)\n"
+              "iterator = iter(loader)\n"
+              "next(iterator)\n"
+              "sys.modules['__main__'].KEEP = iterator  # alive at exit, as a held traceback keeps it\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
 def signal_group_while_training(module: str, argv: list, out: Path, sig: int, while_running=None) -> str:
     """Start ``python -m module argv`` in its own process group (the main process and its DataLoader
     workers), wait until it has logged two steps, run ``while_running(pid)``, send ``sig`` to the whole

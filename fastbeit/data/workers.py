@@ -6,10 +6,17 @@ Ctrl-C signal the whole process group. Workers that die of it make the main proc
 serving until the main process has saved its checkpoint and shuts them down. (The DALI loader
 needs nothing of the kind: its decoding threads live in the main process, where only the main
 thread runs Python's signal handlers, and it starts no worker processes.)
+
+Workers that ignore SIGTERM need one more thing: at interpreter exit ``multiprocessing`` stops
+the daemonic children still alive (an iterator held by a traceback, a persistent-worker loader
+kept to the end) with SIGTERM and then joins them, which would wait forever. An exit hook that
+runs first stops them with SIGKILL instead; they hold nothing that needs saving.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import sys
 from typing import Any, Callable, Optional
@@ -44,7 +51,37 @@ class _QuietOnReset:
             self.previous(exc_type, exc, tb)
 
 
+def _kill_daemonic_children() -> None:
+    """Stop the daemonic children (DataLoader workers) with SIGKILL, which they cannot ignore.
+
+    PyTorch's SIGCHLD handler would report each as a failed worker; the process is exiting, so
+    the default disposition is restored first."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Register once, after ``multiprocessing`` has registered its own hook: hooks run in reverse
+    order of registration, so ours runs before ``multiprocessing`` terminates and joins."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit hook first)
+
+        atexit.register(_kill_daemonic_children)
+        _exit_hook_registered = True
+
+
 def data_loader(dataset, **kwargs: Any) -> torch.utils.data.DataLoader:
     """``torch.utils.data.DataLoader(dataset, **kwargs)`` with workers that ignore interrupts."""
     kwargs["worker_init_fn"] = IgnoreInterrupts(kwargs.get("worker_init_fn"))
+    if kwargs.get("num_workers", 0) > 0:
+        _register_exit_hook()
     return torch.utils.data.DataLoader(dataset, **kwargs)
