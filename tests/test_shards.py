@@ -242,7 +242,8 @@ def pretrain_args(data, tok, out, *extra):
     return ["--data", str(data), "--model", "beit_tiny", "--input_size", "32", "--patch_size", "4",
             "--second_input_size", "64", "--tokenizer", str(tok), "--batch_size", "5", "--epochs", "2",
             "--num_workers", "0", "--num_mask_patches", "20", "--min_mask_patches_per_block", "4", "--depth", "1",
-            "--output", str(out), "--no_progress", "--log_every", "1", "--amp", "none", "--warmup_epochs", "1", *extra]
+            "--kernels", "reference", "--attn", "sdpa", "--output", str(out), "--no_progress", "--log_every", "1",
+            "--amp", "none", "--warmup_epochs", "1", *extra]
 
 
 def test_pretraining_on_shards_resumes_mid_epoch_exactly(shards, tokenizer, tmp_path):
@@ -250,14 +251,14 @@ def test_pretraining_on_shards_resumes_mid_epoch_exactly(shards, tokenizer, tmp_
 
     pattern = str(shards / "train-{000000..000007}.tar")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert pretrain.main(pretrain_args(pattern, tokenizer, straight, "--max_steps", "12")) == 0
+    assert pretrain.main(pretrain_args(pattern, tokenizer, straight, "--max_steps", "10")) == 0
     assert pretrain.main(pretrain_args(pattern, tokenizer, split, "--max_steps", "3")) == 0
     ckpt = torch.load(split / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 3) and ckpt["data"]["batch_size"] == 5
-    assert pretrain.main(pretrain_args(pattern, tokenizer, split, "--resume", "auto", "--max_steps", "12")) == 0
+    assert pretrain.main(pretrain_args(pattern, tokenizer, split, "--resume", "auto", "--max_steps", "10")) == 0
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 12
+    assert a["global_step"] == b["global_step"] == 10  # into the second epoch
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
 
@@ -271,3 +272,46 @@ def test_ddp_on_two_cpu_processes_reads_shards(shards, tokenizer, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # 40 samples / 2 ranks / batch 5
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["data"]["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- fine-tuning and linear probing
+
+
+@pytest.fixture(scope="module")
+def labelled_split(image_dir, shards, tmp_path_factory):
+    """DATA/train (the 8 shards above) and DATA/val (2 shards of the same 40 images), each with its index."""
+    base = tmp_path_factory.mktemp("split")
+    shutil.copytree(shards, base / "train")
+    write_shards(image_dir, base / "val", shard_size=20, progress=False)
+    return base
+
+
+def test_finetuning_reads_labelled_shards(labelled_split, tmp_path, capsys):
+    from fastbeit import finetune
+
+    args = ["--data", str(labelled_split), "--model", "beit_tiny", "--depth", "1", "--input_size", "32",
+            "--patch_size", "4", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+            "--amp", "none", "--output", str(tmp_path), "--no_progress", "--kernels", "reference"]
+    assert finetune.main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_images"] == 40 and "1 epochs x 5 steps" in capsys.readouterr().out  # 40 / 8
+
+
+def test_linear_probe_reads_labelled_shards(labelled_split, tmp_path, capsys):
+    from fastbeit import linprobe
+    from fastbeit.config import make_config
+    from fastbeit.model import BeitForMaskedImageModeling
+
+    model = BeitForMaskedImageModeling(make_config("beit_tiny", img_size=32, patch_size=4, embed_dim=48, depth=2,
+                                                   num_heads=3, vocab_size=97))
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, tmp_path / "pre.pt")
+    args = ["--checkpoint", str(tmp_path / "pre.pt"), "--train", str(labelled_split / "train" / "index.json"),
+            "--val", str(labelled_split / "val" / "shard-{000000..000001}.tar"),
+            "--output", str(tmp_path / "out"), "--epochs", "2", "--batch_size", "8", "--num_workers", "0",
+            "--amp", "none", "--no_progress"]
+    assert linprobe.main(args) == 0
+    cache = torch.load(next((tmp_path / "out" / "cache").glob("features-*.pt")), weights_only=True)
+    assert cache["train"].shape[0] == 40 and cache["val"].shape[0] == 40 and len(cache["classes"]) == 10
+    with pytest.raises(SystemExit):
+        linprobe.main([*args[:2], "--train", str(labelled_split / "train"), "--val", str(SAMPLE), *args[6:]])
+    assert "both as shards or both as folders" in capsys.readouterr().err

@@ -92,15 +92,20 @@ class ShardSet:
     def total(self) -> int:
         return sum(self.counts)
 
+    def __len__(self) -> int:
+        return self.total
+
+    @property
+    def files(self) -> List[Path]:
+        """The shard files (what a cache of features depends on)."""
+        return [Path(p) for p in self.paths]
+
     def require_labels(self) -> List[str]:
         """The class list; a clear error when the shards carry no ``.cls`` labels."""
         if not self.classes:
             raise UserError(f"the shards of {self.source} carry no .cls labels (needed here); write them from a "
                             "folder with class sub-folders (python -m fastbeit.data.shard SRC OUT)")
         return self.classes
-
-    def digest_parts(self) -> List[str]:
-        return [f"{p}\0{s}" for p, s in zip(self.paths, self.sizes or self.counts)]
 
 
 def resolve_shards(data: str) -> ShardSet:

@@ -38,13 +38,13 @@ import io
 import random
 import tarfile
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fastbeit.data.shard import SHARD_IMAGE_EXTS, ShardSet, iter_shard
+from fastbeit.data.shard import SHARD_IMAGE_EXTS, ShardSet, is_shard_source, iter_shard, resolve_shards
 from fastbeit.errors import UserError
 
 DEFAULT_BUFFER = 1000
@@ -127,7 +127,7 @@ def seeded(seed_words: List[int], restore: bool) -> Iterator[None]:
 class _EpochStream(torch.utils.data.IterableDataset):
     """One epoch (from ``start_step``) of one rank; each DataLoader worker plays one slot."""
 
-    def __init__(self, loader: "ShardLoader", epoch: int, start_step: int) -> None:
+    def __init__(self, loader: ShardLoader, epoch: int, start_step: int) -> None:
         self.loader, self.epoch, self.start_step = loader, epoch, start_step
 
     def _read(self, shard: int, worker: int) -> Iterator[Dict[str, bytes]]:
@@ -217,7 +217,7 @@ class ShardLoader:
                  buffer: int = DEFAULT_BUFFER, pin_memory: bool = False, report: bool = True) -> None:
         if batch_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"bad loader settings: batch_size {batch_size}, rank {rank} of {world_size}")
-        if len(shards.paths) < world_size:
+        if train and len(shards.paths) < world_size:
             raise UserError(f"{len(shards.paths)} shards cannot be split over {world_size} processes; write more, "
                             "smaller shards (python -m fastbeit.data.shard --shard-size N)")
         self.shards, self.decode, self.batch_size = shards, decode, batch_size
@@ -287,3 +287,24 @@ class ShardLoader:
         if self.report and (bad or shards):
             warnings.warn(f"epoch {epoch}: skipped {bad} corrupt samples and the rest of {shards} truncated shards",
                           stacklevel=2)
+
+
+def classification_shard_loaders(train: str, val: str, train_tf: Callable, val_tf: Callable, batch_size: int, *,
+                                 nb_classes: Optional[int] = None, train_shuffled: bool = True,
+                                 **kwargs) -> Tuple[ShardLoader, ShardLoader, List[str]]:
+    """Labelled train (shuffled, equal steps per rank; with ``train_shuffled=False`` read like val)
+    and val (in order, every sample once) shard loaders sharing one class list; ``kwargs`` go to
+    both :class:`ShardLoader`s."""
+    from fastbeit.data.classification import check_nb_classes
+
+    if not (is_shard_source(train) and is_shard_source(val)):
+        raise UserError(f"give training and validation data both as shards or both as folders ({train}, {val})")
+    train_set, val_set = resolve_shards(train), resolve_shards(val)
+    classes = train_set.require_labels()
+    if val_set.require_labels() != classes:
+        raise UserError(f"the class lists of the shard indexes of {train} and {val} differ")
+    check_nb_classes(nb_classes, classes, train)
+    train_loader = ShardLoader(train_set, SampleDecoder(train_tf, labels=True), batch_size, train=train_shuffled,
+                               **kwargs)
+    val_loader = ShardLoader(val_set, SampleDecoder(val_tf, labels=True), batch_size, train=False, **kwargs)
+    return train_loader, val_loader, classes
