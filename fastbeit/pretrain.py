@@ -245,13 +245,17 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
         from fastbeit.data.dali import DaliPretrainLoader
 
         device = torch.device(args.device)
-        loader = DaliPretrainLoader(
-            args.data, batch_size=args.batch_size, input_size=args.input_size,
-            second_input_size=args.second_input_size, color_jitter=args.color_jitter, mean=mean, std=std,
-            device_id=(device.index or 0) if device.type == "cuda" else None, num_threads=max(1, args.num_workers),
-            shard_id=dist_info.rank, num_shards=dist_info.world_size, seed=args.seed,
-            progress=dist_info.is_main and not args.no_progress,
-        )
+        common = dict(batch_size=args.batch_size, input_size=args.input_size,
+                      second_input_size=args.second_input_size, color_jitter=args.color_jitter, mean=mean, std=std,
+                      device_id=(device.index or 0) if device.type == "cuda" else None,
+                      num_threads=max(1, args.num_workers), shard_id=dist_info.rank,
+                      num_shards=dist_info.world_size, seed=args.seed)
+        if shards is not None:
+            from fastbeit.data.dali_shards import DaliShardLoader
+
+            loader = DaliShardLoader(shards, **common)
+            return LoaderBundle(loader, loader.set_epoch, len(loader), shards.total, "dali shards")
+        loader = DaliPretrainLoader(args.data, progress=dist_info.is_main and not args.no_progress, **common)
         if len(loader) == 0:
             raise UserError(f"the images under {args.data} give no full batch of {args.batch_size} per process")
         return LoaderBundle(loader, loader.set_epoch, len(loader), loader.num_samples * dist_info.world_size, kind)

@@ -315,3 +315,54 @@ def test_linear_probe_reads_labelled_shards(labelled_split, tmp_path, capsys):
     with pytest.raises(SystemExit):
         linprobe.main([*args[:2], "--train", str(labelled_split / "train"), "--val", str(SAMPLE), *args[6:]])
     assert "both as shards or both as folders" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- DALI (CPU mode)
+
+
+def dali_loader(data, **kwargs):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    from fastbeit.data.dali_shards import DaliShardLoader
+
+    settings = dict(batch_size=4, input_size=32, second_input_size=16, num_threads=1, seed=0, buffer=8)
+    return DaliShardLoader(data, **{**settings, **kwargs})
+
+
+def test_dali_reads_shards_splits_and_resumes_exactly(shards):
+    loader = dali_loader(resolve_shards(str(shards)), shard_id=1, num_shards=2)
+    assert len(loader) == 5 and loader._index_paths is not None  # the writer's .idx files are used
+    loader.set_epoch(3)
+    full = list(loader)
+    assert [tuple(b[0].shape) for b in full] == [(4, 3, 32, 32)] * 5 and full[0][1].shape == (4, 3, 16, 16)
+    assert full[0][1].min() >= 0.1 - 1e-6 and full[0][1].max() <= 0.9 + 1e-6  # map_pixels range
+    loader.set_epoch(3, 2)
+    resumed = list(loader)
+    for a, b in zip(full[2:], resumed, strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    loader.set_epoch(4)
+    assert not torch.equal(list(loader)[0][0], full[0][0])  # another epoch, another order and draws
+
+
+def test_dali_leaves_out_a_shard_with_an_undecodable_image(shards, tmp_path):
+    for f in shards.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    bad = tmp_path / "train-000002.tar"
+    _tar(bad, [(f"k{i}.jpg", b"not a jpeg" if i == 2 else _jpeg()) for i in range(5)])
+    shard_mod.write_dali_index(bad, tmp_path / "train-000002.idx")
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["shards"][2]["bytes"] = bad.stat().st_size
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    loader = dali_loader(resolve_shards(str(tmp_path)))
+    with pytest.warns(UserWarning, match="leaving shard .*train-000002.tar out"):
+        batches = list(loader)
+    assert len(batches) == 10 and loader.excluded == {2}
+
+
+def test_pretraining_with_the_dali_loader_on_shards(shards, tokenizer, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from fastbeit import pretrain
+
+    args = pretrain_args(shards / "index.json", tokenizer, tmp_path, "--loader", "dali", "--max_steps", "2",
+                         "--num_workers", "1")
+    assert pretrain.main(args) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["data"]["batch_size"] == 5

@@ -44,7 +44,8 @@ PIL_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bm
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
-__all__ = ["ShardSet", "expand_pattern", "is_shard_source", "iter_shard", "resolve_shards", "write_shards"]
+__all__ = ["ShardSet", "dali_index_name", "expand_pattern", "is_shard_source", "iter_shard", "resolve_shards",
+           "write_shards"]
 
 
 # ----------------------------------------------------------------------------- finding shards
@@ -226,7 +227,7 @@ def _encode(path: Path, reencode: Optional[int]) -> Tuple[Optional[str], bytes, 
 
 
 def _key(path: Path, root: Path, seen: Dict[str, int]) -> str:
-    key = "/".join(path.relative_to(root).with_suffix("").parts).replace(".", "_")
+    key = "/".join(path.relative_to(root).with_suffix("").parts).replace(".", "_").replace(" ", "_")
     seen[key] = seen.get(key, 0) + 1
     return key if seen[key] == 1 else f"{key}_{seen[key]}"
 
@@ -259,9 +260,34 @@ class _ShardWriter:
             return
         self.tar.close()
         tmp = self.out / f"{self.name}.tmp"
+        write_dali_index(tmp, self.out / dali_index_name(self.name))
         os.replace(tmp, self.out / self.name)
         self.entries.append({"name": self.name, "samples": self.count, "bytes": (self.out / self.name).stat().st_size})
         self.tar, self.count, self.bytes = None, 0, 0
+
+
+def dali_index_name(shard: str) -> str:
+    """``NAME.tar`` → ``NAME.idx``: the random-access index DALI's webdataset reader takes."""
+    return shard[: -len(".tar")] + ".idx" if shard.endswith(".tar") else shard + ".idx"
+
+
+def write_dali_index(tar_path: Path, idx_path: Path) -> None:
+    """DALI's index (format v1.2: per sample, ``ext offset size name`` for each member), so its
+    reader does not scan the tar at start-up."""
+    samples: List[List[str]] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = _split_name(m.name)
+            if key != last:
+                samples.append([])
+                last = key
+            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    tmp = idx_path.with_name(f".{idx_path.name}.tmp")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    os.replace(tmp, idx_path)
 
 
 def write_index(path: Path, entries: List[dict], classes: Optional[List[str]], **extra) -> dict:
@@ -318,12 +344,15 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
 
 
 def reindex(pattern: str) -> dict:
-    """Rewrite ``index.json`` beside the shards of ``pattern`` from the tars themselves (keeps the class list)."""
+    """Rewrite ``index.json`` (and DALI's ``.idx`` files) beside the shards of ``pattern`` from the tars
+    themselves; the class list of an existing index is kept."""
     paths = [p for item in expand_pattern(pattern)
              for p in (sorted(glob.glob(item)) if glob.has_magic(item) else [item]) if os.path.isfile(p)]
     if not paths:
         raise UserError(f"no shard matches {pattern}")
     shards, labelled = scan_shards(paths, pattern)
+    for p in paths:
+        write_dali_index(Path(p), Path(p).parent / dali_index_name(Path(p).name))
     path = Path(paths[0]).parent / INDEX_NAME
     classes = None
     if labelled and path.is_file():
