@@ -89,6 +89,28 @@ def test_reencode_and_max_size(image_dir, tmp_path):
         write_shards(image_dir, tmp_path / "a", progress=False)
 
 
+def test_cli_writes_then_reindex_rebuilds_the_same_index(image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert shard_mod.main([str(image_dir), str(out), "--shard-size", "16", "--no-progress", "--prefix", "t"]) == 0
+    assert "wrote 40 images in 3 shards" in capsys.readouterr().out
+    written = json.loads((out / "index.json").read_text())
+    (out / "index.json").unlink()
+    (out / "t-000001.idx").unlink()
+    assert shard_mod.main([str(out / "t-*.tar"), "--reindex"]) == 0
+    rebuilt = json.loads((out / "index.json").read_text())
+    assert rebuilt["shards"] == written["shards"] and (out / "t-000001.idx").is_file()
+    with pytest.raises(SystemExit):
+        shard_mod.main([str(tmp_path / "missing"), str(tmp_path / "o2"), "--no-progress"])
+    assert capsys.readouterr().err.startswith("error: data folder")
+
+
+def test_the_slurm_example_is_valid_bash():
+    script = ROOT / "examples" / "slurm_pretrain.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "--rdzv-backend c10d" in text and "-m fastbeit.pretrain" in text and "--resume auto" in text
+
+
 def test_webdataset_reads_the_shards(shards):
     wds = pytest.importorskip("webdataset", reason="webdataset is not installed")
     samples = list(wds.WebDataset(str(shards / "train-{000000..000007}.tar"), shardshuffle=False))
