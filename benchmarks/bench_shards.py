@@ -94,7 +94,7 @@ def main() -> None:
             print(f"repeat {r}: folder {f_rate:7.1f} img/s   shards {s_rate:7.1f} img/s   ratio {s_rate / f_rate:.2f}",
                   flush=True)
         files_rate, tar_rate = read_rates(root, Path(tmp) / "shards")
-        print(f"raw reads (page cache, one process): files {files_rate:.0f}/s, tar members {tar_rate:.0f}/s")
+        print(f"raw reads (page cache, one process): files {files_rate:.0f}/s, tar samples {tar_rate:.0f}/s")
     ratios = [row[2] for row in rows]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{args.work}, {len(files)} images, {args.workers} workers, batch {args.batch}: "

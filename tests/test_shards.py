@@ -117,6 +117,19 @@ def test_webdataset_reads_the_shards(shards):
     assert len(samples) == 40 and all({"jpg", "cls"} <= s.keys() for s in samples)
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reader_follows_long_names_in_every_tar_format(tmp_path, fmt):
+    names = ["d" * 60 + "/" + "k" * 90 + ".jpg", "d" * 60 + "/" + "k" * 90 + ".cls", "short.jpg"]
+    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"ab%d" % i))
+    samples = list(shard_mod.iter_shard(str(tmp_path / "t.tar")))
+    assert [s["__key__"] for s in samples] == ["d" * 60 + "/" + "k" * 90, "short"]
+    assert samples[0]["jpg"] == b"ab0" and samples[0]["cls"] == b"ab1" and samples[1]["jpg"] == b"ab2"
+
+
 def test_pattern_index_and_folder_name_the_same_shards(shards):
     assert expand_pattern("a-{08..10}-{x,y}.tar") == ["a-08-x.tar", "a-08-y.tar", "a-09-x.tar", "a-09-y.tar",
                                                       "a-10-x.tar", "a-10-y.tar"]

@@ -180,11 +180,27 @@ def _pax_path(data: bytes) -> Optional[str]:
     return None
 
 
+def _header(block: bytes) -> Tuple[str, int, bytes]:
+    """(name, size, type) of a ustar/GNU header block, its checksum verified."""
+    try:
+        checksum = int(block[148:156].rstrip(b"\0 ") or b"0", 8)
+        size_field = block[124:136]
+        size = int(size_field.rstrip(b"\0 ") or b"0", 8) if not size_field[0] & 0x80 else tarfile.nti(size_field)
+    except ValueError:
+        raise tarfile.ReadError("bad tar header") from None
+    if checksum != sum(block[:148]) + 256 + sum(block[156:]):
+        raise tarfile.ReadError("bad tar header checksum")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\0" and block[345]:  # POSIX prefix field (GNU puts times there)
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size, block[156:157]
+
+
 def iter_shard(path: str) -> Iterator[Dict[str, bytes]]:
     """The samples of one tar, streamed: ``{"__key__": key, ext: bytes, ...}`` per key.
 
-    The headers are parsed here (about 1.5x the speed of ``tarfile``'s stream mode): plain, GNU
-    long-name and PAX path records. A tar that breaks off (a short header or member, or no
+    The headers are parsed here (several times faster than ``tarfile``): ustar, GNU long-name and
+    PAX path records. A tar that breaks off (a short header or member, or no
     end-of-archive block) raises ``tarfile.ReadError`` where it breaks."""
     sample: Dict[str, bytes] = {}
     long_name: Optional[str] = None
@@ -195,18 +211,18 @@ def iter_shard(path: str) -> Iterator[Dict[str, bytes]]:
                 raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
             if block == TAR_END:
                 break
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            data = f.read(info.size)
-            if len(data) < info.size or len(f.read(-info.size % 512)) < -info.size % 512:
-                raise tarfile.ReadError(f"unexpected end of data in {info.name}")
-            if info.type == tarfile.GNUTYPE_LONGNAME:
+            name, size, kind = _header(block)
+            data = f.read(size)
+            if len(data) < size or len(f.read(-size % 512)) < -size % 512:
+                raise tarfile.ReadError(f"unexpected end of data in {name}")
+            if kind == tarfile.GNUTYPE_LONGNAME:
                 long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 continue
-            if info.type == tarfile.XHDTYPE:
+            if kind == tarfile.XHDTYPE:
                 long_name = _pax_path(data) or long_name
                 continue
-            name, long_name = long_name or info.name, None
-            if info.type not in tarfile.REGULAR_TYPES:
+            name, long_name = long_name or name, None
+            if kind not in tarfile.REGULAR_TYPES:
                 continue
             key, ext = _split_name(name)
             if sample and sample["__key__"] != key:
