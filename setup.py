@@ -38,6 +38,7 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "ruff",
+            "webdataset",  # only to check that fastbeit's shards read as standard WebDataset tars
         ],
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],

@@ -225,6 +225,9 @@ class ShardLoader:
         self.shuffle, self.buffer, self.pin_memory, self.report = train, max(1, buffer), pin_memory, report
         self.num_workers = max(0, num_workers)
         self.workers = max(1, min(self.num_workers, len(shards.paths) // world_size))  # slots per rank
+        if train and report and self.num_workers > self.workers:
+            warnings.warn(f"{len(shards.paths)} shards over {world_size} process(es) keep only {self.workers} of the "
+                          f"{self.num_workers} workers busy; write more, smaller shards", stacklevel=2)
         self.stats = torch.zeros(self.workers, 2, dtype=torch.int64).share_memory_()
         self.epoch, self._start_step = 0, 0
         if train and len(self) == 0:
