@@ -27,6 +27,7 @@ import re
 import sys
 import tarfile
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,17 @@ def write_index(path: Path, entries: List[dict], classes: Optional[List[str]], *
     return index
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Sequence, ahead: int) -> Iterator:
+    """``pool.map`` in order, but at most ``ahead`` results in flight (not the whole data set in memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
                  max_size: Optional[int] = None, prefix: str = "shard", reencode: Optional[int] = None,
                  labels: str = "auto", seed: int = 0, shuffle: bool = True, workers: int = 4,
@@ -373,7 +385,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
         random.Random(seed).shuffle(order)
     writer, seen, bad = _ShardWriter(out, prefix, shard_size, max_size), {}, []
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-        results = pool.map(lambda i: _encode(files[i], reencode), order)
+        results = _bounded_map(pool, lambda i: _encode(files[i], reencode), order, 32 * max(1, workers))
         for i, (ext, data, reason) in tqdm(zip(order, results), total=len(order), desc="writing shards",
                                            unit="img", disable=not progress, dynamic_ncols=True):
             if reason is not None:
