@@ -298,6 +298,45 @@ def test_pretraining_on_shards_resumes_mid_epoch_exactly(shards, tokenizer, tmp_
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
 
 
+DDP_LOADER_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from torchvision.transforms import functional as TF
+from fastbeit.data.shard import resolve_shards
+from fastbeit.data.shard_loader import SampleDecoder, ShardLoader
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+decoder = SampleDecoder(lambda img: TF.to_tensor(img.resize((8, 8))), keys=True)
+loader = ShardLoader(resolve_shards(sys.argv[1]), decoder, 5, rank=rank, world_size=world, num_workers=2, seed=7)
+epochs = []
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    epochs.append([k for batch in loader for k in batch[-1]])
+gathered = [None] * world
+dist.all_gather_object(gathered, {"steps": len(loader), "epochs": epochs})
+if rank == 0:
+    open(sys.argv[2], "w").write(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_see_disjoint_samples_covering_the_epoch(shards, tmp_path):
+    script, out = tmp_path / "ddp_loader.py", tmp_path / "keys.json"
+    script.write_text(DDP_LOADER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
+           str(script), str(shards / "index.json"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
+    for epoch in range(2):
+        a, b = ranks[0]["epochs"][epoch], ranks[1]["epochs"][epoch]
+        assert not set(a) & set(b) and len(a) == len(b) == 20 and len(set(a) | set(b)) == 40
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # reshuffled
+
+
 def test_ddp_on_two_cpu_processes_reads_shards(shards, tokenizer, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
