@@ -1,9 +1,10 @@
 """The torch loader for WebDataset shards: split by rank and worker, shuffled, resumable mid-epoch.
 
-Reading is Python's ``tarfile`` (streamed, one pass per shard), not the ``webdataset`` package:
-the loader needs to own the split, the per-worker sample quotas, the resume position and the
-count of truncated shards, which webdataset's pipeline stages do not expose. The shards are
-standard WebDataset tars all the same (the tests read them with ``webdataset`` when installed).
+Reading is :func:`fastbeit.data.shard.iter_shard` (one sequential pass per shard, headers parsed
+there), not the ``webdataset`` package: the loader needs to own the split, the per-worker sample
+quotas, the resume position and the count of truncated shards, which webdataset's pipeline
+stages do not expose. The shards are standard WebDataset tars all the same (the tests read them
+with ``webdataset`` when it is installed).
 
 An epoch, for rank ``r`` of ``world`` with ``W`` workers:
 
@@ -15,8 +16,8 @@ An epoch, for rank ``r`` of ``world`` with ``W`` workers:
    ran short of its quota) reads them again in a new order; what is left over is dropped.
    With equal slots (shard counts that divide evenly) the world's epoch is every sample once;
 4. a worker streams raw samples through a shuffle buffer (``buffer`` samples, seeded by
-   ``(seed, epoch, slot)``) and decodes after it; the augmentation's random draws are seeded
-   per batch by ``(seed, epoch, rank, step)``.
+   ``(seed, epoch, slot, pass)``, emptied at the end of each pass over its shards) and decodes
+   after it; the augmentation's random draws are seeded per batch by ``(seed, epoch, rank, step)``.
 
 Resuming at step ``k`` of an epoch replays each worker's reading (tar bytes and the buffer, no
 decoding) up to its position and rotates the workers so batch ``k`` comes next: the rest of the
