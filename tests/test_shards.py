@@ -360,15 +360,29 @@ def labelled_split(image_dir, shards, tmp_path_factory):
     return base
 
 
-def test_finetuning_reads_labelled_shards(labelled_split, tmp_path, capsys):
+def test_finetuning_reads_labelled_shards_and_resumes_mid_epoch(labelled_split, tmp_path, monkeypatch, capsys):
     from fastbeit import finetune
 
     args = ["--data", str(labelled_split), "--model", "beit_tiny", "--depth", "1", "--input_size", "32",
-            "--patch_size", "4", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+            "--patch_size", "4", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0",
             "--amp", "none", "--output", str(tmp_path), "--no_progress", "--kernels", "reference"]
-    assert finetune.main(args) == 0
+    real, calls = finetune.FineTuner.optimizer_step, {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(finetune.FineTuner, "optimizer_step", interrupting)
+    assert finetune.main(args) == 130
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step_in_epoch"] == 2
+    monkeypatch.setattr(finetune.FineTuner, "optimizer_step", real)
+    assert finetune.main([*args, "--resume", "auto"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["val_images"] == 40 and "1 epochs x 5 steps" in capsys.readouterr().out  # 40 / 8
+    assert records[-1]["val_images"] == 40 and "2 epochs x 5 steps" in capsys.readouterr().out  # 40 / 8
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["global_step"] == 10 and last["epoch"] == 2
 
 
 def test_linear_probe_reads_labelled_shards(labelled_split, tmp_path, capsys):
