@@ -230,7 +230,7 @@ def test_bad_input_gets_one_clear_line(shards, tmp_path):
         resolve_shards(str(tmp_path / "t-{0..1}.tar"))
     with pytest.warns(UserWarning):
         unlabelled = resolve_shards(str(tmp_path / "t-0.tar"))
-    with pytest.raises(UserError, match="no .cls labels"):
+    with pytest.raises(UserError, match="have no class list"):
         unlabelled.require_labels()
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)

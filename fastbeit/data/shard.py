@@ -106,8 +106,9 @@ class ShardSet:
     def require_labels(self) -> List[str]:
         """The class list; a clear error when the shards carry no ``.cls`` labels."""
         if not self.classes:
-            raise UserError(f"the shards of {self.source} carry no .cls labels (needed here); write them from a "
-                            "folder with class sub-folders (python -m fastbeit.data.shard SRC OUT)")
+            raise UserError(f"the shards of {self.source} have no class list (needed here): they carry no .cls "
+                            "labels, or no index.json beside them holds the list; write them from a folder with "
+                            "class sub-folders (python -m fastbeit.data.shard SRC OUT)")
         return self.classes
 
 
