@@ -289,8 +289,8 @@ class ShardLoader:
         self.epoch = epoch + 1
         bad, shards = (a - b for a, b in zip(self.stats.sum(0).tolist(), before))
         if self.report and (bad or shards):
-            warnings.warn(f"epoch {epoch}: skipped {bad} corrupt samples and the rest of {shards} truncated shards",
-                          stacklevel=2)
+            warnings.warn(f"epoch {epoch}: skipped {bad} corrupt samples; {shards} shard reads broke off "
+                          "(truncated shards, skipped from where they break)", stacklevel=2)
 
 
 def classification_shard_loaders(train: str, val: str, train_tf: Callable, val_tf: Callable, batch_size: int, *,
