@@ -123,7 +123,8 @@ def resolve_shards(data: str) -> ShardSet:
     if not found:
         raise UserError(f"no shard matches {data}" + (f" (the first expected is {names[0]})" if names else ""))
     if len(found) < len(names):
-        missing = [p for p in names if p not in set(found)]
+        present = set(found)
+        missing = [p for p in names if p not in present]
         raise UserError(f"{len(missing)} of the {len(names)} shards of {data} are missing, e.g. {missing[0]}")
     index = Path(found[0]).parent / INDEX_NAME
     if index.is_file():
