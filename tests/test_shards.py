@@ -225,6 +225,8 @@ def test_bad_input_gets_one_clear_line(shards, tmp_path):
     (tmp_path / "t-1.tar").write_bytes(full[:700])
     with pytest.warns(UserWarning, match="no index.json"), pytest.raises(UserError, match="t-1.tar is not a readable"):
         resolve_shards(str(tmp_path / "t-{0..1}.tar"))
+    with pytest.raises(UserError, match="4 of the 6 shards of .* are missing, e.g. .*t-2.tar"):
+        resolve_shards(str(tmp_path / "t-{0..5}.tar"))
     _tar(tmp_path / "t-1.tar", [("a.txt", b"hello")])
     with pytest.warns(UserWarning), pytest.raises(UserError, match="t-1.tar holds no images"):
         resolve_shards(str(tmp_path / "t-{0..1}.tar"))
