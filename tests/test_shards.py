@@ -163,6 +163,18 @@ def test_epochs_reshuffle_reproducibly(shards):
     assert all_keys(ShardLoader(data, tiny_decoder(), 4, seed=1, buffer=8)) != first
 
 
+def test_persistent_workers_follow_epochs_after_an_abandoned_one(shards):
+    data = resolve_shards(str(shards))
+    loader = ShardLoader(data, tiny_decoder(), 4, num_workers=2, seed=2, buffer=6)
+    for _batch in loader:  # epoch 0, left after one batch (as --max_steps does)
+        break
+    loader.set_epoch(1, 3)
+    resumed = all_keys(loader)
+    fresh = ShardLoader(data, tiny_decoder(), 4, num_workers=2, seed=2, buffer=6)
+    fresh.set_epoch(1)
+    assert resumed == all_keys(fresh)[12:] and len(resumed) == 28
+
+
 def test_uneven_shards_still_give_equal_steps_on_every_rank():
     split = assign_shards([10, 3, 7, 7, 2], 2, np.arange(5))
     loads = [sum([10, 3, 7, 7, 2][i] for i in slot) for slot in split]

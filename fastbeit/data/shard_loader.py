@@ -34,6 +34,7 @@ says) is abandoned where it breaks. Both are counted and reported once per epoch
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 import io
 import random
@@ -126,10 +127,12 @@ def seeded(seed_words: List[int], restore: bool) -> Iterator[None]:
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
-    """One epoch (from ``start_step``) of one rank; each DataLoader worker plays one slot."""
+    """One epoch of one rank, from the (epoch, start step) in the loader's shared ``position``,
+    read when iteration starts (so persistent workers pick up each new epoch); each DataLoader
+    worker plays one slot."""
 
-    def __init__(self, loader: ShardLoader, epoch: int, start_step: int) -> None:
-        self.loader, self.epoch, self.start_step = loader, epoch, start_step
+    def __init__(self, loader: ShardLoader) -> None:
+        self.loader, self.epoch, self.start_step = loader, 0, 0
 
     def _read(self, shard: int, worker: int) -> Iterator[Dict[str, bytes]]:
         ld = self.loader
@@ -164,6 +167,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator:
         ld, info = self.loader, torch.utils.data.get_worker_info()
+        self.epoch, self.start_step = (int(v) for v in ld.position.tolist())
         worker = info.id if info is not None else 0
         slot_in_rank = (worker + self.start_step) % ld.workers  # rotated so batch start_step comes first
         slot, bsz = ld.rank * ld.workers + slot_in_rank, ld.batch_size
@@ -230,7 +234,9 @@ class ShardLoader:
             warnings.warn(f"{len(shards.paths)} shards over {world_size} process(es) keep only {self.workers} of the "
                           f"{self.num_workers} workers busy; write more, smaller shards", stacklevel=2)
         self.stats = torch.zeros(self.workers, 2, dtype=torch.int64).share_memory_()
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, start step) for the workers
         self.epoch, self._start_step = 0, 0
+        self._loader: Optional[torch.utils.data.DataLoader] = None
         if train and len(self) == 0:
             raise UserError(f"{shards.total} samples give no full batch of {batch_size} per process; "
                             "lower the batch size")
@@ -281,11 +287,14 @@ class ShardLoader:
         epoch, step = self.epoch, self._start_step
         self._start_step = 0
         before = self.stats.sum(0).tolist()
-        stream = _EpochStream(self, epoch, step)
-        workers = self.workers if self.num_workers > 0 else 0
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                             pin_memory=self.pin_memory)
-        yield from loader
+        self.position.copy_(torch.tensor([epoch, step]))
+        if self._loader is None:  # workers persist across epochs
+            workers = self.workers if self.num_workers > 0 else 0
+            spec = copy.copy(self)  # the same settings and shared tensors, without the DataLoader: no cycle,
+            spec._loader = None  # so dropping this loader shuts its workers down at once
+            self._loader = torch.utils.data.DataLoader(_EpochStream(spec), batch_size=None, num_workers=workers,
+                                                       pin_memory=self.pin_memory, persistent_workers=workers > 0)
+        yield from self._loader
         self.epoch = epoch + 1
         bad, shards = (a - b for a, b in zip(self.stats.sum(0).tolist(), before))
         if self.report and (bad or shards):
