@@ -82,7 +82,8 @@ def main() -> None:
         dataset = ImageFolderDataset(root, work)
         sampler = ResumableSampler(len(dataset), args.batch)
         folder = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=sampler,
-                                             num_workers=args.workers, drop_last=True)
+                                             num_workers=args.workers, drop_last=True,
+                                             persistent_workers=args.workers > 0)  # as the shard loader's
         shards = ShardLoader(resolve_shards(str(Path(tmp) / "shards")), SampleDecoder(work),
                              args.batch, num_workers=args.workers)
         epoch_rate(folder), epoch_rate(shards)  # warm-up: page cache, imports in the workers
