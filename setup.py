@@ -39,6 +39,7 @@ setup(
             "hypothesis",
             "ruff",
             "transformers",  # the Hugging Face interchange tests load what --to hf writes with from_pretrained
+            "webdataset",  # only to check that fastbeit's shards read as standard WebDataset tars
         ],
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],

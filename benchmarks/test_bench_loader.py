@@ -1,4 +1,4 @@
-"""Loader throughput: decode + both BEiT views, DALI vs the torchvision DataLoader.
+"""Loader throughput: decode + both BEiT views, DALI vs the torchvision DataLoader, from folders and shards.
 
 Each round is one epoch over the same fixed ``BENCH_IMAGES`` Imagenette files, with the same
 number of DataLoader workers as DALI threads (``BENCH_WORKERS``) and batch ``BENCH_BATCH``.
@@ -11,6 +11,7 @@ Images per second go to ``benchmark.extra_info["images_per_s"]``.
 
 import os
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -78,3 +79,34 @@ def test_dali_cpu(benchmark, bench_files):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the DALI GPU pipeline needs CUDA")
 def test_dali_gpu(benchmark, bench_files):
     _measure(benchmark, _dali_loader(bench_files, torch.cuda.current_device()), "DALI gpu (mixed)", sync=True)
+
+
+@pytest.fixture(scope="module")
+def bench_shards(bench_files, tmp_path_factory):
+    """The same files written as WebDataset shards of 64 (``python -m fastbeit.data.shard``)."""
+    from fastbeit.data.shard import resolve_shards, write_shards
+
+    root = tmp_path_factory.mktemp("bench_images")
+    for f in bench_files:
+        (root / f.parent.name).mkdir(exist_ok=True)
+        shutil.copy(f, root / f.parent.name / f.name)
+    write_shards(root, root.parent / "bench_shards", shard_size=64, progress=False)
+    return resolve_shards(str(root.parent / "bench_shards"))
+
+
+def test_torch_shard_loader(benchmark, bench_shards):
+    from fastbeit.data.shard_loader import SampleDecoder, ShardLoader
+
+    loader = ShardLoader(bench_shards, SampleDecoder(BeitPretrainTransform(TwoViewTransform(), None)), BATCH,
+                         num_workers=WORKERS)
+    _measure(benchmark, loader, "torch shard loader")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the DALI GPU pipeline needs CUDA")
+def test_dali_shards_gpu(benchmark, bench_shards):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    from fastbeit.data.dali_shards import DaliShardLoader
+
+    loader = DaliShardLoader(bench_shards, batch_size=BATCH, num_threads=WORKERS,
+                             device_id=torch.cuda.current_device())
+    _measure(benchmark, loader, "DALI gpu (mixed), shards", sync=True)

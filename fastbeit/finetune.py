@@ -67,6 +67,8 @@ from fastbeit.data.classification import (
 )
 from fastbeit.data.folder import ImageLoader
 from fastbeit.data.sampler import ResumableSampler
+from fastbeit.data.shard import is_shard_source
+from fastbeit.data.shard_loader import classification_shard_loaders
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
@@ -272,16 +274,28 @@ class FineTuner:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (BEIT_MEAN, BEIT_STD)
         train_tf = build_train_transform(args.input_size, args.aa, args.reprob, args.train_interpolation, mean, std)
         val_tf = build_eval_transform(args.input_size, mean, std, args.crop_pct)
-        self.train_ds, self.val_ds, self.classes = class_folder_datasets(
-            args.train, args.val, train_tf, val_tf, args.nb_classes)
-        self.sampler = ResumableSampler(len(self.train_ds), args.batch_size, args.seed, self.dist.rank,
-                                        self.dist.world_size)
-        self.batches_per_epoch = self.sampler.batches_per_epoch()
+        pin = self.device.type == "cuda"
+        if is_shard_source(args.train) or is_shard_source(args.val):
+            self.train_loader, self.val_loader, self.classes = classification_shard_loaders(
+                args.train, args.val, train_tf, val_tf, args.batch_size, nb_classes=args.nb_classes,
+                rank=self.dist.rank, world_size=self.dist.world_size, num_workers=args.num_workers, seed=args.seed,
+                pin_memory=pin, report=self.dist.is_main)
+            self.train_ds, self.val_ds = self.train_loader.shards, self.val_loader.shards
+            self.sampler = self.train_loader  # set_epoch(epoch, batch) as the sampler's
+        else:
+            self.build_folder_data(train_tf, val_tf, pin)
+        self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = self.batches_per_epoch // args.update_freq
         if self.steps_per_epoch == 0 and not args.eval:
             raise UserError(f"{len(self.train_ds)} training images give no full step of {args.batch_size} x "
                             f"{args.update_freq} per process; lower --batch_size or --update_freq")
-        pin = self.device.type == "cuda"
+
+    def build_folder_data(self, train_tf, val_tf, pin: bool) -> None:
+        args = self.args
+        self.train_ds, self.val_ds, self.classes = class_folder_datasets(
+            args.train, args.val, train_tf, val_tf, args.nb_classes)
+        self.sampler = ResumableSampler(len(self.train_ds), args.batch_size, args.seed, self.dist.rank,
+                                        self.dist.world_size)
         self.train_loader = ImageLoader(
             self.train_ds, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.num_workers,
             pin_memory=pin, drop_last=True)

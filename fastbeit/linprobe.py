@@ -37,6 +37,8 @@ from fastbeit.cli import add_run_flags, amp_context, flag_adder, resolve_train_v
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, BeitConfig
 from fastbeit.data.classification import build_eval_transform, class_folder_datasets
 from fastbeit.data.folder import ImageLoader
+from fastbeit.data.shard import is_shard_source
+from fastbeit.data.shard_loader import ShardLoader, classification_shard_loaders
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
@@ -141,9 +143,10 @@ def cache_key(args: argparse.Namespace, block: int, img_size: int, train_files, 
 @torch.no_grad()
 def extract(model: BeitForImageClassification, dataset, block: int, args, device: torch.device,
             desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of a whole dataset."""
-    loader = ImageLoader(dataset, batch_size=args.extract_batch_size, shuffle=False, num_workers=args.num_workers,
-                         pin_memory=device.type == "cuda")
+    """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of a whole dataset (or shard loader)."""
+    loader = dataset if isinstance(dataset, ShardLoader) else ImageLoader(
+        dataset, batch_size=args.extract_batch_size, shuffle=False, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda")
     feats, labels = [], []
     for images, targets in tqdm(loader, desc=desc, disable=args.no_progress, dynamic_ncols=True):
         with amp_context(args.amp, device):
@@ -158,8 +161,14 @@ def load_or_extract_features(args, loaded: LoadedCheckpoint, block: int) -> Tupl
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (BEIT_MEAN, BEIT_STD)
     img_size = args.input_size or loaded.config["img_size"]
     tf = build_eval_transform(img_size, mean, std)
-    train_ds, val_ds, classes = class_folder_datasets(args.train, args.val, tf, tf, train_on_bad="drop")
-    key = cache_key(args, block, img_size, train_ds.files, val_ds.files)
+    if is_shard_source(args.train) or is_shard_source(args.val):
+        train_ds, val_ds, classes = classification_shard_loaders(
+            args.train, args.val, tf, tf, args.extract_batch_size, train_shuffled=False, num_workers=args.num_workers)
+        files = train_ds.shards.files, val_ds.shards.files
+    else:
+        train_ds, val_ds, classes = class_folder_datasets(args.train, args.val, tf, tf, train_on_bad="drop")
+        files = train_ds.files, val_ds.files
+    key = cache_key(args, block, img_size, *files)
     path = Path(args.cache) / f"features-{key}.pt"
     if path.is_file():
         print(f"using cached features {path}")

@@ -49,6 +49,8 @@ from fastbeit.compiled import COMPILE_MODES, CompiledStep
 from fastbeit.config import ATTN_BACKENDS, KERNEL_IMPLS, PRESETS, make_config
 from fastbeit.data.folder import ImageFolderDataset, ImageLoader
 from fastbeit.data.sampler import ResumableSampler
+from fastbeit.data.shard import is_shard_source, resolve_shards
+from fastbeit.data.shard_loader import SampleDecoder, ShardLoader
 from fastbeit.data.transforms import (
     BEIT_MEAN,
     BEIT_STD,
@@ -253,6 +255,13 @@ class LoaderBundle:
         self.loader, self.set_epoch = loader, set_epoch
         self.steps_per_epoch, self.num_images, self.name = steps_per_epoch, num_images, name
 
+    def state(self) -> Optional[Dict[str, Any]]:
+        """The loader layout a mid-epoch resume needs unchanged (shard loaders; None otherwise)."""
+        return self.loader.state() if hasattr(self.loader, "state") else None
+
+    def check_resume(self, saved: Optional[Dict[str, Any]]) -> Optional[str]:
+        return self.loader.check_resume(saved) if hasattr(self.loader, "check_resume") else None
+
 
 def choose_loader(requested: str, device: str) -> str:
     from fastbeit.data.dali import dali_available
@@ -268,17 +277,22 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
     """The torchvision DataLoader (CPU workers) or the DALI pipeline (GPU decode)."""
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (BEIT_MEAN, BEIT_STD)
     kind = choose_loader(args.loader, args.device)
+    shards = resolve_shards(args.data) if is_shard_source(args.data) else None
     if kind == "dali":
         from fastbeit.data.dali import DaliPretrainLoader
 
         device = torch.device(args.device)
-        loader = DaliPretrainLoader(
-            args.data, batch_size=args.batch_size, input_size=args.input_size,
-            second_input_size=args.second_input_size, color_jitter=args.color_jitter, mean=mean, std=std,
-            device_id=(device.index or 0) if device.type == "cuda" else None, num_threads=max(1, args.num_workers),
-            shard_id=dist_info.rank, num_shards=dist_info.world_size, seed=args.seed,
-            progress=dist_info.is_main and not args.no_progress,
-        )
+        common = dict(batch_size=args.batch_size, input_size=args.input_size,
+                      second_input_size=args.second_input_size, color_jitter=args.color_jitter, mean=mean, std=std,
+                      device_id=(device.index or 0) if device.type == "cuda" else None,
+                      num_threads=max(1, args.num_workers), shard_id=dist_info.rank,
+                      num_shards=dist_info.world_size, seed=args.seed)
+        if shards is not None:
+            from fastbeit.data.dali_shards import DaliShardLoader
+
+            loader = DaliShardLoader(shards, **common)
+            return LoaderBundle(loader, loader.set_epoch, len(loader), shards.total, "dali shards")
+        loader = DaliPretrainLoader(args.data, progress=dist_info.is_main and not args.no_progress, **common)
         if len(loader) == 0:
             raise UserError(f"the images under {args.data} give no full batch of {args.batch_size} per process")
         return LoaderBundle(loader, loader.set_epoch, len(loader), loader.num_samples * dist_info.world_size, kind)
@@ -286,6 +300,11 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
         args.input_size, args.second_input_size, args.color_jitter,
         interpolation=args.train_interpolation, second_interpolation=args.second_interpolation, mean=mean, std=std,
     )
+    if shards is not None:
+        loader = ShardLoader(shards, SampleDecoder(BeitPretrainTransform(views, mask_gen)), args.batch_size,
+                             rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.num_workers,
+                             seed=args.seed, pin_memory=args.device.startswith("cuda"), report=dist_info.is_main)
+        return LoaderBundle(loader, loader.set_epoch, len(loader), shards.total, "torch shards")
     dataset = ImageFolderDataset(args.data, BeitPretrainTransform(views, mask_gen))
     sampler = ResumableSampler(len(dataset), args.batch_size, args.seed, dist_info.rank, dist_info.world_size)
     if sampler.batches_per_epoch() == 0:
@@ -300,7 +319,7 @@ def build_loader(args, mask_gen: Optional[MaskingGenerator], dist_info: DistInfo
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
-                    global_step: int, reason: str) -> None:
+                    global_step: int, reason: str, data_state: Optional[Dict[str, Any]] = None) -> None:
     raw = model
     atomic_save(
         {
@@ -314,6 +333,7 @@ def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
             "rng": rng_state(),
             "reason": reason,
+            "data": data_state,
         },
         path,
     )
@@ -406,6 +426,9 @@ class Trainer:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         if "rng" in ckpt and not self.dist.enabled:
             set_rng_state(ckpt["rng"])
+        note = self.data.check_resume(ckpt.get("data"))
+        if note:
+            self.say(f"warning: {note}")
         self.say(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}")
 
     def masks_for_step(self, batch_size: int) -> torch.Tensor:
@@ -493,14 +516,14 @@ class Trainer:
                 if self.dist.is_main and (epoch % args.save_ckpt_freq == 0 or final):
                     save_checkpoint_or_warn(partial(
                         save_checkpoint, self.ckpt_path, self.model, self.optimizer, self.scaler, args, epoch,
-                        step_in_epoch, self.global_step, "epoch"), final)
+                        step_in_epoch, self.global_step, "epoch", self.data.state()), final)
                     self.plot()
         except KeyboardInterrupt:
             bar.close()
             if self.dist.is_main:
                 save_after_interrupt(partial(
                     save_checkpoint, self.ckpt_path, self.model, self.optimizer, self.scaler, args, epoch,
-                    step_in_epoch, self.global_step, "interrupted"))
+                    step_in_epoch, self.global_step, "interrupted", self.data.state()))
                 self.plot()
                 return tell_interrupted(self.global_step, self.ckpt_path)
             return 130

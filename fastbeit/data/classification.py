@@ -188,6 +188,12 @@ def _identity(path: Path) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def check_nb_classes(nb_classes: Optional[int], classes: Sequence[str], where: str | Path) -> None:
+    if nb_classes is not None and nb_classes < len(classes):
+        raise UserError(f"--nb_classes {nb_classes} is too small: {where} has {len(classes)} classes "
+                        f"(labels 0..{len(classes) - 1})")
+
+
 def class_folder_datasets(
     train_root: str | Path, val_root: str | Path, train_transform, val_transform, nb_classes: Optional[int] = None,
     train_on_bad: str = "next",
@@ -202,9 +208,7 @@ def class_folder_datasets(
         only_val = sorted(set(val_classes) - set(train_classes))
         raise UserError(f"the class folders of {train_root} and {val_root} differ: only in train {only_train[:10]}, "
                         f"only in val {only_val[:10]}")
-    if nb_classes is not None and nb_classes < len(train_classes):
-        raise UserError(f"--nb_classes {nb_classes} is too small: {train_root} has {len(train_classes)} class folders "
-                        f"(labels 0..{len(train_classes) - 1})")
+    check_nb_classes(nb_classes, train_classes, train_root)
     train = ImageFolderDataset(train_root, train_transform, with_labels=True, classes=train_classes,
                                on_bad=train_on_bad)
     val = ImageFolderDataset(val_root, val_transform, with_labels=True, classes=train_classes, on_bad="drop")

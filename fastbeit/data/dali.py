@@ -261,20 +261,28 @@ def _build_pipeline(cfg: _Config, source: Callable[[], List[np.ndarray]], seed: 
         paths = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1)
         images = fn.decoders.image(fn.io.file.read(paths), device="mixed" if gpu else "cpu",
                                    output_type=types.RGB)
-        anchor, size = _crop_window(images.shape(), cfg.scale, cfg.ratio)
-        start, end = fn.cast(anchor, dtype=types.FLOAT), fn.cast(anchor + size, dtype=types.FLOAT)
-        jitter = _jitter_factors(images, cfg.color_jitter, gpu) if cfg.color_jitter > 0 else None
-        mirror = fn.random.coin_flip(probability=0.5)
-        out_type = types.FLOAT16 if cfg.half else types.FLOAT
-        patches = _view(images, start, end, cfg.input_size, types.INTERP_CUBIC, jitter, mirror,
-                        [255 * m for m in cfg.mean], [255 * s for s in cfg.std], 0.0, out_type)
-        token_std = 255 / (1 - 2 * LOGIT_LAPLACE_EPS)
-        tokens = _view(images, start, end, cfg.second_input_size, types.INTERP_LANCZOS3, jitter, mirror,
-                       [0.0] * 3, [token_std] * 3, LOGIT_LAPLACE_EPS, out_type)
-        params = [anchor, size, mirror, *(jitter[0] if jitter is not None else [])]
+        patches, tokens, params = two_views(cfg, images)
         pipe.set_outputs(patches, tokens, *(params if with_params else []))
     pipe.build()
     return pipe
+
+
+def two_views(cfg: _Config, images):
+    """Decoded images → (patch view, token view, the random parameters): the one augmentation
+    graph shared by the folder and the shard pipelines."""
+    from nvidia.dali import fn, types
+
+    anchor, size = _crop_window(images.shape(), cfg.scale, cfg.ratio)
+    start, end = fn.cast(anchor, dtype=types.FLOAT), fn.cast(anchor + size, dtype=types.FLOAT)
+    jitter = _jitter_factors(images, cfg.color_jitter, cfg.device_id is not None) if cfg.color_jitter > 0 else None
+    mirror = fn.random.coin_flip(probability=0.5)
+    out_type = types.FLOAT16 if cfg.half else types.FLOAT
+    patches = _view(images, start, end, cfg.input_size, types.INTERP_CUBIC, jitter, mirror,
+                    [255 * m for m in cfg.mean], [255 * s for s in cfg.std], 0.0, out_type)
+    token_std = 255 / (1 - 2 * LOGIT_LAPLACE_EPS)
+    tokens = _view(images, start, end, cfg.second_input_size, types.INTERP_LANCZOS3, jitter, mirror,
+                   [0.0] * 3, [token_std] * 3, LOGIT_LAPLACE_EPS, out_type)
+    return patches, tokens, [anchor, size, mirror, *(jitter[0] if jitter is not None else [])]
 
 
 def sample_dali_crop_boxes(
