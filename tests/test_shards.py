@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from fastbeit.data import shard as shard_mod
-from fastbeit.data.shard import expand_pattern, is_shard_source, resolve_shards, write_shards
+from fastbeit.data.shard import expand_pattern, is_shard_source, iter_shard, resolve_shards, write_shards
 from fastbeit.data.shard_loader import SampleDecoder, ShardLoader, assign_shards
 from fastbeit.errors import UserError
 
@@ -468,3 +468,47 @@ def test_pretraining_with_the_dali_loader_on_shards(shards, tokenizer, tmp_path)
                          "--num_workers", "1")
     assert pretrain.main(args) == 0
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["data"]["batch_size"] == 5
+
+
+# ----------------------------------------------------------------------------- the real Imagenette photos
+
+
+@pytest.fixture(scope="module")
+def imagenette_shards(shared_data, tmp_path_factory):
+    """The shared Imagenette val split (3,925 photos, 10 classes, some greyscale) as 16 shards."""
+    src = shared_data / "imagenette" / "val"
+    out = tmp_path_factory.mktemp("imagenette-shards")
+    index = write_shards(src, out, shard_size=250, prefix="val", progress=False, workers=2)
+    return src, out, index
+
+
+def test_imagenette_shards_hold_every_photo_with_its_class(imagenette_shards):
+    src, out, index = imagenette_shards
+    photos = sorted(p for p in src.rglob("*") if p.is_file())
+    wnids = sorted(p.name for p in src.iterdir() if p.is_dir())
+    assert index["total"] == len(photos) and index["skipped"] == 0 and index["classes"] == wnids
+    assert len(index["shards"]) == -(-len(photos) // 250)
+    per_class = {wnid: sum(1 for p in photos if p.parent.name == wnid) for wnid in wnids}
+    labels = [int(s["cls"]) for f in sorted(out.glob("val-*.tar")) for s in iter_shard(str(f))]
+    assert {wnids[c]: labels.count(c) for c in set(labels)} == per_class
+
+
+def test_imagenette_shards_split_over_two_ranks_cover_the_split_once(imagenette_shards):
+    _, out, index = imagenette_shards
+    data = resolve_shards(str(out / "index.json"))
+    keys = []
+    for rank in (0, 1):
+        loader = ShardLoader(data, tiny_decoder(labels=True), 25, rank=rank, world_size=2, num_workers=2,
+                             train=False)
+        batches = list(loader)
+        assert all(b[0].shape[1:] == (3, 8, 8) for b in batches)  # greyscale photos arrive as RGB
+        keys.append([k for b in batches for k in b[-1]])
+    assert not set(keys[0]) & set(keys[1]) and len(keys[0]) + len(keys[1]) == index["total"]
+
+
+def test_dali_reads_imagenette_shards(imagenette_shards):
+    _, out, _ = imagenette_shards
+    loader = dali_loader(resolve_shards(str(out / "val-{000000..000001}.tar")), batch_size=25, num_threads=2)
+    batches = list(loader)
+    assert len(batches) == 20 and all(tuple(b[0].shape) == (25, 3, 32, 32) for b in batches)
+    assert all(torch.isfinite(b[0]).all() and torch.isfinite(b[1]).all() for b in batches)
