@@ -44,6 +44,7 @@ from fastbeit.cli import (
     whole_step,
 )
 from fastbeit.config import ATTN_BACKENDS, PRESETS, BeitConfig, make_config
+from fastbeit.data.folder import drop_skipped
 from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastbeit.data.workers import data_loader
@@ -244,7 +245,8 @@ class Trainer:
         self.crop = self.cfg.img_size
         self.class_names = read_class_names(args.data, self.model.num_classes)
         self.val_set, _ = open_split(args.data, args.val_split, EvalTransform(args.img_scale, self.mean, self.std),
-                                     self.model.num_classes, args.ignore_index, args.max_val_images)
+                                     self.model.num_classes, args.ignore_index, args.max_val_images,
+                                     on_bad="drop")  # an unreadable val image is left out, never replaced
         self.start_epoch, self.start_step, self.global_step, self.best_miou = 0, 0, 0, -1.0
         if args.eval_only:
             self.start_epoch = int(saved.get("epoch", 0)) if saved else 0
@@ -334,16 +336,24 @@ class Trainer:
         """Sliding-window predictions on the validation split → mIoU and friends."""
         was_training = self.model.training
         self.model.eval()
-        loader = data_loader(self.val_set, batch_size=1, num_workers=self.args.num_workers,
-                                             generator=torch.Generator())  # leaves the global RNG alone
+        loader = data_loader(self.val_set, batch_size=1, num_workers=self.args.num_workers, collate_fn=drop_skipped,
+                             generator=torch.Generator())  # leaves the global RNG alone
         conf = torch.zeros(self.model.num_classes, self.model.num_classes, dtype=torch.int64)
-        for image, label in tqdm(loader, desc="eval", leave=False, disable=not show or self.args.no_progress):
+        left_out = 0
+        for batch in tqdm(loader, desc="eval", leave=False, disable=not show or self.args.no_progress):
+            if batch is None:  # unreadable: left out (named once by the dataset)
+                left_out += 1
+                continue
+            image, label = batch
             image = image.to(self.device)
             with self.autocast():
                 pred = predict(self.model, image, self.model.num_classes, self.crop, label.shape[-2:],
                                self.args.eval_stride or default_stride(self.crop))
             conf += confusion_matrix(pred.cpu(), label, self.model.num_classes, self.args.ignore_index)
         self.model.train(was_training)
+        if left_out:
+            tqdm.write(f"evaluation left out {left_out} unreadable image(s) of the {len(self.val_set)} in "
+                       f"{self.args.val_split}")
         return segmentation_metrics(conf)
 
     # --- checkpoints and logs ----------------------------------------------------------------

@@ -276,3 +276,17 @@ def test_a_truncated_image_is_skipped_in_the_workers(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image .*train_001.jpg"):
         assert dataset[1] == ((64, 48), (48, 64))  # the next pair stands in
     assert dataset.bad_files == [str(image)]
+
+
+def test_an_unreadable_val_image_is_left_out_of_the_evaluation(tmp_path, capsys):
+    """Replacing it by its neighbour would score that neighbour twice."""
+    data = make_camvid(tmp_path / "badval", n_val=3)
+    image = data / "val" / "images" / "val_001.jpg"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size * 4 // 5])
+    dataset, _ = open_split(data, "val", lambda img, label: (img.size, label.shape), 3, 11, on_bad="drop")
+    with pytest.warns(UserWarning, match="skipping unreadable image .*val_001.jpg"):
+        assert dataset[1] is None
+    assert dataset[2] == ((64, 48), (48, 64))
+    assert segment.main(["--data", str(data), *SCRATCH, *TINY_FLAGS, "--epochs", "1", "--eval_every", "5",
+                         "--output", str(tmp_path / "out")]) == 0
+    assert "evaluation left out 1 unreadable image(s) of the 3 in val" in capsys.readouterr().out

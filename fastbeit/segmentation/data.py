@@ -98,15 +98,20 @@ def check_classes(num_classes: int, ignore_index: int) -> None:
 
 
 class SegmentationDataset:
-    """``transform(rgb PIL image, uint8 label array)`` for each pair; an undecodable image is skipped.
+    """``transform(rgb PIL image, uint8 label array)`` for each pair; an undecodable image is skipped:
+    ``on_bad="next"`` (training) puts the next readable pair in its place, ``"drop"`` (evaluation)
+    gives ``None`` so the pair is left out and no image is scored twice.
 
     The transform's random draws come from torch's RNG seeded by (seed, epoch, index), so an
     epoch's augmentations are the same with any number of workers and after a resume.
     """
 
     def __init__(self, pairs: Sequence[Pair], transform: Callable, num_classes: int, ignore_index: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, on_bad: str = "next") -> None:
+        if on_bad not in ("next", "drop"):
+            raise ValueError(f"on_bad must be 'next' or 'drop', not {on_bad!r}")
         self.pairs = list(pairs)
+        self.on_bad = on_bad
         self.transform = transform
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.seed, self.epoch = seed, 0
@@ -123,29 +128,36 @@ class SegmentationDataset:
             self.bad_files.append(str(path))
             warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=3)
 
-    def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
+    def load(self, index: int) -> Optional[Tuple[Image.Image, np.ndarray]]:
         """The pair at ``index`` or, if its image cannot be decoded (a truncated file passes the up-front
-        header check), the next readable pair, as :class:`fastbeit.data.folder.ImageFolderDataset` does."""
+        header check), the next readable pair (``on_bad="next"``, as
+        :class:`fastbeit.data.folder.ImageFolderDataset` does) or ``None`` (``"drop"``)."""
         for step in range(len(self.pairs)):
             image_path, label_path = self.pairs[(index + step) % len(self.pairs)]
             try:
                 image = load_rgb(image_path)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 self._report_bad(image_path, exc)
+                if self.on_bad == "drop":
+                    return None
                 continue
             return image, read_label(label_path, self.num_classes, self.ignore_index)
         raise UserError(f"none of the {len(self.pairs)} images of this split could be read")
 
     def __getitem__(self, index: int):
-        image, label = self.load(index)
+        pair = self.load(index)
+        if pair is None:
+            return None
+        image, label = pair
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
             return self.transform(image, label)
 
 
 def open_split(root: str | os.PathLike, split: str, transform: Callable, num_classes: int, ignore_index: int,
-               limit: Optional[int] = None, seed: int = 0) -> Tuple[SegmentationDataset, np.ndarray]:
+               limit: Optional[int] = None, seed: int = 0,
+               on_bad: str = "next") -> Tuple[SegmentationDataset, np.ndarray]:
     """A checked dataset of one split (its first ``limit`` pairs) and its per-class pixel counts."""
     pairs = find_pairs(root, split)[:limit]
     counts = check_split(pairs, num_classes, ignore_index)
-    return SegmentationDataset(pairs, transform, num_classes, ignore_index, seed), counts
+    return SegmentationDataset(pairs, transform, num_classes, ignore_index, seed, on_bad), counts
