@@ -156,3 +156,21 @@ def padded_positions(mask: torch.Tensor, max_masked: Optional[int]) -> Tuple[tor
     order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :K]
     valid = torch.arange(K, device=mask.device) < mask.sum(1, keepdim=True)
     return order, valid
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``[B, K, ...]`` rows of ``x`` (``[B, N, ...]``) at the ``[B, K]`` positions ``order``."""
+    index = order.reshape(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
+def masked_mean(per_row: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
+                max_masked: Optional[int]) -> torch.Tensor:
+    """Mean of the padded ``per_row`` values over the real (``valid``) rows: the original's mean over
+    ``x[mask]`` (NaN when nothing is masked, as that mean of nothing), and NaN when an image has more
+    masked patches than ``max_masked`` rows hold, so a dropped row can never pass unnoticed."""
+    valid = valid.reshape(-1)
+    mean = torch.where(valid, per_row.reshape(-1), 0.0).sum() / valid.sum()
+    if max_masked is not None:
+        mean = torch.where((mask.sum(1) > max_masked).any(), float("nan"), mean)
+    return mean

@@ -29,7 +29,7 @@ from fastbeit.layers import (
     relative_position_index,
     trunc_normal_,
 )
-from fastbeit.masking import padded_positions
+from fastbeit.masking import gather_rows, masked_mean, padded_positions
 
 
 class Attention(nn.Module):
@@ -208,11 +208,9 @@ class BeitForMaskedImageModeling(BeitEncoder):
                 f"pixel targets need vocab_size = {target.shape[-1]} (3·patch²), got {self.lm_head.out_features}"
             )
         order, valid = padded_positions(bool_masked_pos, max_masked)
-        rows = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        pred = self.lm_head(rows).float()
-        target = target.gather(1, order.unsqueeze(-1).expand(-1, -1, target.shape[-1])).float()
-        per_row = (pred - target).pow(2).mean(-1)
-        loss = torch.where(valid, per_row, 0.0).sum() / valid.sum()
+        pred = self.lm_head(gather_rows(x, order)).float()
+        per_row = (pred - gather_rows(target, order).float()).pow(2).mean(-1)
+        loss = masked_mean(per_row, valid, bool_masked_pos, max_masked)
         return MIMOutput(loss, torch.full_like(loss, float("nan")))
 
 

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from fastbeit.kernels import interpreting, use_triton
 from fastbeit.kernels.triton_helpers import cast_rne, round_to_bf16
-from fastbeit.masking import padded_positions
+from fastbeit.masking import gather_rows, masked_mean, padded_positions
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SCRATCH_ELEMENTS = 1 << 24  # backward dlogits chunk: rows * V at most this (64 MiB fp32, 32 MiB bf16)
@@ -410,17 +410,6 @@ def check_values(mask: torch.Tensor, targets: torch.Tensor, vocab_size: int, max
             raise ValueError(f"targets at masked positions must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
 
 
-def _masked_mean(per_row: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, max_masked: Optional[int]):
-    """Mean of ``per_row`` over the valid rows (NaN when there are none, as the original's mean of
-    nothing), NaN when an image has more masked patches than ``max_masked`` rows hold."""
-    valid = valid.reshape(-1)
-    total = valid.sum()
-    mean = torch.where(valid, per_row, 0.0).sum() / total
-    if max_masked is not None:
-        mean = torch.where((mask.sum(1) > max_masked).any(), float("nan"), mean)
-    return mean
-
-
 def gathered_cross_entropy(
     hidden: torch.Tensor,
     mask: torch.Tensor,
@@ -449,7 +438,7 @@ def gathered_cross_entropy(
     rows = (order + torch.arange(B, device=mask.device).unsqueeze(1) * N).reshape(-1)
     row_targets = targets.gather(1, order).reshape(-1).to(torch.int64)
     _, nll, correct = _ce_fwd_op(hidden, weight, bias, rows, row_targets, _compute_dtype(hidden, weight))
-    return _masked_mean(nll, valid, mask, max_masked), _masked_mean(correct, valid, mask, max_masked)
+    return masked_mean(nll, valid, mask, max_masked), masked_mean(correct, valid, mask, max_masked)
 
 
 def gathered_cross_entropy_padded(
@@ -468,12 +457,12 @@ def gathered_cross_entropy_padded(
     if validate:
         check_values(mask, targets, weight.shape[0], max_masked)
     order, valid = padded_positions(mask, max_masked)
-    rows = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    rows = gather_rows(hidden, order)
     logits = F.linear(rows, weight, bias).flatten(0, 1).float()
     labels = torch.where(valid, targets.gather(1, order), 0).reshape(-1).to(torch.int64)  # padding: any valid id
     nll = F.cross_entropy(logits, labels, reduction="none")
     correct = (logits.argmax(-1) == labels).float()
-    return _masked_mean(nll, valid, mask, max_masked), _masked_mean(correct, valid, mask, max_masked)
+    return masked_mean(nll, valid, mask, max_masked), masked_mean(correct, valid, mask, max_masked)
 
 
 def gathered_cross_entropy_reference(

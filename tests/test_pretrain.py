@@ -281,3 +281,21 @@ def test_patchify_follows_token_order():
     assert patches[0, 1, :3].tolist() == [images[0, c, 0, 4].item() for c in range(3)]
     conv_order = images.unfold(2, 4, 4).unfold(3, 4, 4)  # [B, C, 2, 2, 4, 4]
     assert torch.equal(patches[1, 3].reshape(4, 4, 3).permute(2, 0, 1), conv_order[1, :, 1, 1])
+
+
+def test_pixel_loss_is_the_mean_over_the_masked_patches_and_nan_past_max_masked():
+    """The padded gather equals the boolean one; an image with more masked patches than rows is NaN."""
+    from fastbeit.model import create_model, patchify
+
+    torch.manual_seed(0)
+    model = create_model("beit_tiny", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                         vocab_size=48).eval()
+    images = torch.randn(3, 3, 16, 16)
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[0, [1, 5, 6]] = True
+    masks[1, [0, 2, 3, 9, 15]] = True
+    masks[2, [7]] = True
+    x = model.forward_features(images, masks)[:, 1:]
+    expected = (model.lm_head(x[masks]) - patchify(images, 4)[masks]).pow(2).mean()
+    torch.testing.assert_close(model.forward_pixel_loss(images, masks, 5).loss, expected)
+    assert torch.isnan(model.forward_pixel_loss(images, masks, 4).loss)  # image 1 has 5 > 4
