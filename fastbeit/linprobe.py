@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = flag_adder(p)
     add("--checkpoint", "--finetune", required=True, help="fastbeit, unilm, timm or Hugging Face BEiT weights")
+    add("--num_heads", type=int, default=None,
+        help="attention heads of a checkpoint that records none (no relative position table or config)")
     add("--data", "--data_path", default=None, help="folder with train/<class>/ and val/<class>/")
     add("--train", default=None)
     add("--val", default=None)
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     checks = FlagChecks(args)
-    checks.positive("lr", "batch_size", "epochs", "extract_batch_size", "input_size", "block")
+    checks.positive("lr", "batch_size", "epochs", "extract_batch_size", "input_size", "block", "num_heads")
     checks.non_negative("weight_decay", "warmup_epochs", "num_workers")
     args.device = resolve_device(args.device)
     check_output_dir(args.output)
@@ -234,7 +236,7 @@ def train_probe(data: Dict[str, Any], args: argparse.Namespace, log: JsonlLogger
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     args = resolve_args(argv)
-    loaded = load_any(args.checkpoint)
+    loaded = load_any(args.checkpoint, args.num_heads)
     print(f"loaded {loaded.describe()}")
     depth = loaded.config["depth"]
     block = args.block if args.block is not None else max(1, depth * 3 // 4)

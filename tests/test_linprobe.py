@@ -97,3 +97,19 @@ def test_block_out_of_range_is_one_clear_line(setup, tmp_path, capsys):
         linprobe.main(args_for(setup, tmp_path, "--block", "9"))
     assert exc.value.code == 2
     assert "--block 9 is out of range" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_head_count_needs_num_heads(setup, tmp_path, capsys):
+    """No relative position table and no config: the head count is asked for, never guessed."""
+    from fastbeit.config import PLAIN_VIT
+
+    torch.manual_seed(0)
+    model = BeitForMaskedImageModeling(make_config("beit_tiny", **{**TINY, **PLAIN_VIT}))
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pt")
+    argv = args_for(setup, tmp_path / "out", "--epochs", "2")
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "bare.pt")
+    with pytest.raises(SystemExit) as exc:
+        linprobe.main(argv)
+    assert exc.value.code == 2 and "give it with --num_heads" in capsys.readouterr().err
+    assert linprobe.main([*argv, "--num_heads", "3"]) == 0
+    assert "3 heads" in capsys.readouterr().out
