@@ -48,24 +48,10 @@ def free_port() -> str:
 
 
 def import_transformers():
-    """Hugging Face ``transformers`` with its BEiT classes loaded, or a skip.
-
-    transformers imports the ``kernels`` package (a dependency of it) when BEiT's modules load;
-    this repository's own ``kernels/`` folder, on ``sys.path`` as the working directory under
-    ``python -m pytest``, must not stand in for it while they do.
-    """
-    import os
-    import sys
-    from pathlib import Path
-
+    """Hugging Face ``transformers`` with its BEiT classes loaded, or a skip. (transformers imports
+    PyPI's ``kernels`` as BEiT's modules load; this repository's ``kernels/`` steps aside for it.)"""
     import pytest
 
-    root = Path(__file__).resolve().parents[1]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or ".")) != root]
-    try:
-        transformers = pytest.importorskip("transformers")
-        transformers.BeitForImageClassification  # noqa: B018  (loads modeling_beit and its imports)
-        return transformers
-    finally:
-        sys.path[:] = saved
+    transformers = pytest.importorskip("transformers")
+    transformers.BeitForImageClassification  # noqa: B018  (loads modeling_beit and its imports)
+    return transformers

@@ -342,3 +342,26 @@ def test_errors_about_foreign_files_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / name}") and words in err and err.count("\n") == 1, err
         assert "\x1b" not in err and "weights_only" not in err and "Please file" not in err
+
+
+def test_the_repository_kernels_folder_does_not_shadow_pypi_kernels():
+    """From the repository root (a user's working directory), ``import kernels`` is PyPI's package
+    (Hugging Face transformers imports it) or a missing module, never fastbeit's kernels/."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import fastbeit.kernels as ours\n"
+              "try:\n"
+              "    import kernels\n"
+              "    print('pypi' if 'use_triton' not in vars(kernels) else 'shadowed', kernels.__file__)\n"
+              "except ModuleNotFoundError:\n"
+              "    print('missing')\n"
+              "import fastbeit.kernels\n"
+              "print('ours' if ours.use_triton is fastbeit.kernels.use_triton else 'changed')\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.splitlines()
+    assert first.split()[0] in ("pypi", "missing") and str(root) not in first, first
+    assert second == "ours"
