@@ -35,7 +35,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 class CompiledStep:
-    """``module`` under ``torch.compile(fullgraph=True, mode=mode)``, falling back to eager once.
+    """``module`` under ``torch.compile(fullgraph=fullgraph, mode=mode)``, falling back to eager once.
 
     ``say`` receives the one-line notes (compile time, fallback). With ``mode="reduce-overhead"``
     (CUDA graphs) each call starts a new graph step, and outputs are cloned so that a caller may
@@ -43,13 +43,14 @@ class CompiledStep:
     """
 
     def __init__(self, module: Callable, mode: str = "default", say: Optional[Callable[[str], None]] = None,
-                 backend: str = "inductor", what: str = "the step", dynamic: Optional[bool] = None) -> None:
+                 backend: str = "inductor", what: str = "the step", dynamic: Optional[bool] = None,
+                 fullgraph: bool = True) -> None:
         self.module = module
         self.mode = mode
         self.what = what
         self.say = say or (lambda msg: print(msg, file=sys.stderr))
         options = {} if backend != "inductor" else {"mode": None if mode == "default" else mode}
-        self.compiled = torch.compile(module, fullgraph=True, backend=backend, dynamic=dynamic, **options)
+        self.compiled = torch.compile(module, fullgraph=fullgraph, backend=backend, dynamic=dynamic, **options)
         self.cuda_graphs = mode == "reduce-overhead"
         self.state = "pending"  # pending → compiled | eager
         self.compile_seconds: Optional[float] = None

@@ -395,7 +395,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
         if args.compile:  # outermost: dynamo sees DDP and splits the graph at its gradient buckets
-            self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say)
+            # DDP's own forward (its logger, bucket rebuilds) is Python that dynamo steps around rather
+            # than traces, which fullgraph=True refuses; the model inside stays one graph (tested).
+            self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say,
+                                            fullgraph=not self.dist.enabled)
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main)
         self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 

@@ -267,3 +267,31 @@ def test_masks_can_be_drawn_inside_a_compiled_graph():
 
     compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(), draw())
+
+
+def test_under_ddp_the_model_stays_one_graph_and_equals_eager():
+    """pretrain compiles DDP(LossModule) without fullgraph (DDP's own forward is stepped around);
+    the model inside must still compile without a graph break, to the eager loss and gradients."""
+    import torch.distributed as dist
+    from helpers import free_port
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model, _ = tiny_pair(attn_backend="triton", kernels="triton")
+        ddp = DistributedDataParallel(pretrain.LossModule(model))
+        images, masks, ids = _inputs(exact=False)
+        inputs = (images, masks, ids, MAX_MASKED)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(ddp)(*inputs)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        step = CompiledStep(ddp, backend="aot_eager", fullgraph=False, say=lambda msg: None)
+        loss_c, acc_c, grads_c = _loss_and_grads(step, model, *inputs)
+        assert step.state == "compiled"
+        loss_e, acc_e, grads_e = _loss_and_grads(ddp, model, *inputs)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        dist.destroy_process_group()

@@ -240,6 +240,27 @@ def test_ddp_on_two_cpu_processes(tiny_setup, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 6
 
 
+@pytest.mark.slow
+def test_ddp_with_compile_on_two_cpu_processes_matches_eager_ddp(tiny_setup, tmp_path):
+    """torch.compile wraps DDP (dynamo splits the graph at DDP's gradient buckets): the compiled
+    2-process run logs the eager 2-process run's losses."""
+    def run(out, *extra):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
+               "-m", "fastbeit.pretrain", *tiny_args(tiny_setup, out, "--batch_size", "2", "--max_steps", "3"),
+               *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return proc.stdout + proc.stderr, [json.loads(line)["loss"] for line in lines]
+
+    log, compiled = run(tmp_path / "compiled", "--compile")
+    assert "compiled the step in" in log and "running it eagerly" not in log, log[-2000:]
+    _, eager = run(tmp_path / "eager", "--no-compile")
+    assert len(compiled) == len(eager) == 3
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_out_of_the_box_demo_starts(tmp_path):
     """The README's main job on the shipped sample and tokenizer (two steps here)."""
     code = pretrain.main(["--amp", "bf16", "--max_steps", "2", "--output", str(tmp_path), "--no_progress",
