@@ -430,6 +430,7 @@ def dali_loader(data, **kwargs):
     return DaliShardLoader(data, **{**settings, **kwargs})
 
 
+@pytest.mark.extras
 def test_dali_reads_shards_splits_and_resumes_exactly(shards):
     loader = dali_loader(resolve_shards(str(shards)), shard_id=1, num_shards=2)
     assert len(loader) == 5 and loader._index_paths is not None  # the writer's .idx files are used
@@ -445,6 +446,7 @@ def test_dali_reads_shards_splits_and_resumes_exactly(shards):
     assert not torch.equal(list(loader)[0][0], full[0][0])  # another epoch, another order and draws
 
 
+@pytest.mark.extras
 def test_dali_leaves_out_a_shard_with_an_undecodable_image(shards, tmp_path):
     for f in shards.iterdir():
         shutil.copy(f, tmp_path / f.name)
@@ -460,6 +462,7 @@ def test_dali_leaves_out_a_shard_with_an_undecodable_image(shards, tmp_path):
     assert len(batches) == 10 and loader.excluded == {2}
 
 
+@pytest.mark.extras
 def test_pretraining_with_the_dali_loader_on_shards(shards, tokenizer, tmp_path):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
     from fastbeit import pretrain
@@ -506,6 +509,7 @@ def test_imagenette_shards_split_over_two_ranks_cover_the_split_once(imagenette_
     assert not set(keys[0]) & set(keys[1]) and len(keys[0]) + len(keys[1]) == index["total"]
 
 
+@pytest.mark.extras
 def test_dali_reads_imagenette_shards(imagenette_shards):
     _, out, _ = imagenette_shards
     loader = dali_loader(resolve_shards(str(out / "val-{000000..000001}.tar")), batch_size=25, num_threads=2)
