@@ -38,6 +38,17 @@ def variable_masks(batch: int, grid: int, target: int, seed: int = 0) -> torch.T
     return masks
 
 
+def cpu_allocations(fn) -> list:
+    """Bytes of every CPU allocation ``fn()`` makes, inside our operators too: the profiler sees the
+    ``torch.empty`` a kernel wrapper calls, which a dispatch mode above a ``torch.library``
+    operator would not (the operator is one call to it). Peak GPU memory's stand-in on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
 def free_port() -> str:
     """A TCP port nobody listens on right now (for torchrun's rendezvous in tests)."""
     import socket

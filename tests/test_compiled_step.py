@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY, tiny_pair, variable_masks
+from helpers import TINY, cpu_allocations, tiny_pair, variable_masks
 from test_pretrain import tiny_args, tiny_setup  # noqa: F401  (the module-scoped fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -195,6 +195,26 @@ def test_the_recorder_catches_the_original_boolean_gather():
     with recorder:
         x[mask].sum().item()
     assert any("index" in s for s in recorder.syncs) and any("_local_scalar_dense" in s for s in recorder.syncs)
+
+
+def test_the_training_step_never_materialises_scores_or_logits(monkeypatch):
+    """No allocation in the fused step's forward and backward is as large as the [B, H, N, N]
+    attention scores or the masked rows' [B·K, V] logits; the backward's d(logits) goes through a
+    bounded scratch (shrunk here to 32 rows so the 100 rows need 4 chunks; at BEiT-Base, batch 256,
+    the default 2^24 elements are 1/9 of the logits). The original computation allocates both."""
+    import fastbeit.kernels.gathered_ce as gce
+
+    B, H, N, V = 4, TINY["num_heads"], 145, 3001  # 12 x 12 patches + [CLS]; V above everything else
+    monkeypatch.setattr(gce, "_SCRATCH_ELEMENTS", 32 * V)
+    model, ref = tiny_pair(attn_backend="triton", kernels="triton", img_size=48, vocab_size=V)
+    torch.manual_seed(1)
+    images, masks = torch.randn(B, 3, 48, 48), variable_masks(B, 12, MAX_MASKED)
+    ids = torch.randint(0, V, (B, 144))
+    scores, logits = 4 * B * H * N * N, 4 * B * MAX_MASKED * V  # float32 bytes
+    fused = cpu_allocations(lambda: model.forward_loss(images, masks, ids, MAX_MASKED).loss.backward())
+    assert len(fused) > 100 and max(fused) < min(scores, logits), (max(fused), scores, logits)
+    original = cpu_allocations(lambda: ref.forward_loss(images, masks, ids).loss.backward())
+    assert scores in original and max(original) >= 4 * int(masks.sum()) * V
 
 
 # ------------------------------------------------------------------------------ CUDA only
