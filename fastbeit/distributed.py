@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,16 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, finished: bool = True) -> None:
+    """Leave the process group. After a run that finished on every rank, a barrier first, with the
+    GIL released while it waits, lets the group's worker threads finish and drop the collectives
+    they ran: with gloo (torch 2.11 seen here), a worker thread still dropping one when DDP's
+    reducer frees the group waits for the GIL that the freeing thread holds while it joins that
+    worker, and the process never exits. After an error no barrier: the other ranks may never come."""
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+                time.sleep(0.1)  # the workers drop what they held (they need the GIL this thread yields)
+        finally:
+            dist.destroy_process_group()

@@ -549,10 +549,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.output, OUTPUTS, args.resume is not None, args.overwrite)
     with claim:
         trainer = FineTuner(args)
+        finished = False
         try:
-            return trainer.run()
+            code = trainer.run()
+            finished = True
+            return code
         finally:
-            cleanup(trainer.dist)
+            cleanup(trainer.dist, finished)
 
 
 if __name__ == "__main__":

@@ -578,10 +578,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = resolve_args(argv)
     with claim_output(args.output, OUTPUTS, args.resume is not None, args.overwrite):
         trainer = Trainer(args)
+        finished = False
         try:
-            return trainer.train()
+            code = trainer.train()
+            finished = True
+            return code
         finally:
-            cleanup(trainer.dist)
+            cleanup(trainer.dist, finished)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ thread runs Python's signal handlers, and it starts no worker processes.)
 Workers that ignore SIGTERM need one more thing: at interpreter exit ``multiprocessing`` stops
 the daemonic children still alive (an iterator held by a traceback, a persistent-worker loader
 kept to the end) with SIGTERM and then joins them, which would wait forever. An exit hook that
-runs first stops them with SIGKILL instead; they hold nothing that needs saving.
+runs first stops our loaders' workers with SIGKILL instead; they hold nothing that needs saving.
 """
 
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import signal
 import sys
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -51,18 +51,30 @@ class _QuietOnReset:
             self.previous(exc_type, exc, tb)
 
 
-def _kill_daemonic_children() -> None:
-    """Stop the daemonic children (DataLoader workers) with SIGKILL, which they cannot ignore.
+class _SignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader that remembers its worker iterators, so the exit hook knows which processes
+    ignore SIGTERM (a started ``multiprocessing.Process`` no longer says what it runs)."""
 
-    PyTorch's SIGCHLD handler would report each as a failed worker; the process is exiting, so
-    the default disposition is restored first."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
-    if children and hasattr(signal, "SIGCHLD"):
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        _live_iterators.add(iterator)
+        return iterator
+
+
+_live_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+def _kill_interrupt_ignoring_workers() -> None:
+    """Stop the live workers of our loaders with SIGKILL, which they cannot ignore; any other child
+    keeps multiprocessing's SIGTERM. PyTorch's SIGCHLD handler would report each as a failed
+    worker; the process is exiting, so the default disposition is restored first."""
+    workers = [w for it in list(_live_iterators) for w in getattr(it, "_workers", ()) if w.is_alive()]
+    if workers and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(timeout=5)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 _exit_hook_registered = False
@@ -75,7 +87,7 @@ def _register_exit_hook() -> None:
     if not _exit_hook_registered:
         import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit hook first)
 
-        atexit.register(_kill_daemonic_children)
+        atexit.register(_kill_interrupt_ignoring_workers)
         _exit_hook_registered = True
 
 
@@ -84,4 +96,4 @@ def data_loader(dataset, **kwargs: Any) -> torch.utils.data.DataLoader:
     kwargs["worker_init_fn"] = IgnoreInterrupts(kwargs.get("worker_init_fn"))
     if kwargs.get("num_workers", 0) > 0:
         _register_exit_hook()
-    return torch.utils.data.DataLoader(dataset, **kwargs)
+    return _SignalSafeLoader(dataset, **kwargs)
