@@ -88,15 +88,40 @@ def test_every_loader_in_the_package_uses_the_signal_safe_workers():
     assert not offenders, f"build DataLoaders with fastbeit.data.workers.data_loader: {offenders}"
 
 
-def test_a_process_exits_with_live_interrupt_ignoring_workers():
+_LIVE_AT_EXIT = """
+import sys
+from fastbeit.data.workers import data_loader
+loader = data_loader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True)
+iterator = iter(loader)
+next(iterator)
+sys.modules['__main__'].KEEP = iterator  # alive at exit, as a held traceback keeps it
+"""
+
+_LEFT_BY_A_DATASET_ERROR = """
+import gc
+import torch
+from fastbeit.data.workers import data_loader
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        raise ValueError("unreadable")
+
+try:
+    for batch in data_loader(Broken(), batch_size=2, num_workers=1):
+        pass
+except ValueError:
+    pass
+gc.collect()  # the iterator is gone; PyTorch's SIGTERM fallback left its ignoring worker alive
+"""
+
+
+@pytest.mark.parametrize("script", [_LIVE_AT_EXIT, _LEFT_BY_A_DATASET_ERROR], ids=["held-iterator", "dataset-error"])
+def test_a_process_exits_with_live_interrupt_ignoring_workers(script):
     """multiprocessing stops live daemonic children at exit with SIGTERM and joins them; workers
     that ignore SIGTERM made that join wait forever (a pytest run that never ended)."""
-    script = ("import sys\n"
-              "from fastbeit.data.workers import data_loader\n"
-              "loader = data_loader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True)\n"
-              "iterator = iter(loader)\n"
-              "next(iterator)\n"
-              "sys.modules['__main__'].KEEP = iterator  # alive at exit, as a held traceback keeps it\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           cwd=ROOT)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

@@ -52,23 +52,26 @@ class _QuietOnReset:
 
 
 class _SignalSafeLoader(torch.utils.data.DataLoader):
-    """A DataLoader that remembers its worker iterators, so the exit hook knows which processes
+    """A DataLoader that remembers its worker processes, so the exit hook knows which processes
     ignore SIGTERM (a started ``multiprocessing.Process`` no longer says what it runs)."""
 
     def _get_iterator(self):
         iterator = super()._get_iterator()
-        _live_iterators.add(iterator)
+        _our_workers.update(getattr(iterator, "_workers", ()))
         return iterator
 
 
-_live_iterators: weakref.WeakSet = weakref.WeakSet()
+# Weak: multiprocessing holds a child's Process object until the child is reaped, so a worker that
+# outlives its iterator stays here. (One does when a dataset error ends the iteration: PyTorch's
+# clean-up then falls back to SIGTERM, which these workers ignore.)
+_our_workers: weakref.WeakSet = weakref.WeakSet()
 
 
 def _kill_interrupt_ignoring_workers() -> None:
     """Stop the live workers of our loaders with SIGKILL, which they cannot ignore; any other child
     keeps multiprocessing's SIGTERM. PyTorch's SIGCHLD handler would report each as a failed
     worker; the process is exiting, so the default disposition is restored first."""
-    workers = [w for it in list(_live_iterators) for w in getattr(it, "_workers", ()) if w.is_alive()]
+    workers = [w for w in list(_our_workers) if w.is_alive()]
     if workers and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for worker in workers:
