@@ -29,6 +29,16 @@ def _is_compiler_failure(exc: BaseException) -> bool:
                for cls in type(exc).__mro__) or "compiler" in str(exc).lower()
 
 
+def _is_graph_break(exc: BaseException) -> bool:
+    """Dynamo met code it cannot put in the graph (under ``fullgraph=True`` an error): fastbeit's
+    step is built to have none, so this is a defect in it or in a version of PyTorch it meets."""
+    try:
+        from torch._dynamo.exc import Unsupported
+    except ImportError:  # pragma: no cover - every torch that has torch.compile has it
+        return False
+    return isinstance(exc, Unsupported)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:240]
@@ -69,8 +79,12 @@ class CompiledStep:
             if not _is_compiler_failure(exc):
                 raise
             self.state = "eager"
-            self.say(f"note: torch.compile cannot build {self.what} here ({_first_line(exc)}); running it eagerly "
-                     "(pass --no-compile to skip the attempt)")
+            if _is_graph_break(exc):  # our code, not the machine: the fast path is lost, say so
+                self.say(f"warning: {self.what} does not trace as one graph ({_first_line(exc)}); running it "
+                         "eagerly, which is slower: a fastbeit bug, please report it with this line")
+            else:
+                self.say(f"note: torch.compile cannot build {self.what} here ({_first_line(exc)}); running it "
+                         "eagerly (pass --no-compile to skip the attempt)")
             return self.module(*args)
         self.state = "compiled"
         self.compile_seconds = time.perf_counter() - start

@@ -132,6 +132,20 @@ def test_a_machine_that_cannot_compile_falls_back_with_one_line(monkeypatch):
     assert len(notes) == 1
 
 
+def test_a_graph_break_falls_back_with_a_warning_that_names_it_a_bug():
+    """A graph break is fastbeit's defect, not the machine's: the one line says so."""
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return x * 2
+
+    notes = []
+    step = CompiledStep(Breaks(), backend="eager", say=notes.append)
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0)) and step.state == "eager"
+    assert len(notes) == 1 and notes[0].startswith("warning:") and "please report" in notes[0], notes
+
+
 def test_model_errors_are_not_mistaken_for_compiler_failures(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     step = CompiledStep(lambda x: x.view(3), say=lambda msg: None)
