@@ -73,7 +73,7 @@ from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENE
 from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
-from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
+from fastbeit.logging_utils import JsonlLogger, plot_curves, preload_plotting, read_jsonl
 from fastbeit.optim import build_adamw, cosine_schedule, no_decay_names, set_step_values
 from fastbeit.rundir import claim_output
 from fastbeit.validate import FlagChecks, check_output_dir, resolve_device
@@ -262,6 +262,8 @@ class FineTuner:
         self.build_model()
         self.build_optimizer()
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main and not args.eval)
+        if self.dist.is_main and not args.eval:
+            preload_plotting()  # not first at an epoch end, where an interrupt may land inside it
         self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:

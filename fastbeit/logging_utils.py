@@ -79,11 +79,31 @@ def plot_curves(
     rows = [r for r in records if x_key in r and any(k in r for k in keys)]
     if not rows:
         return False
+    try:
+        return _draw(rows, path, keys, x_key, title)
+    except Exception as exc:  # a plot is a view of metrics.jsonl: never worth a crashed run
+        print(f"warning: could not draw the plot {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return False
+
+
+def preload_plotting() -> None:
+    """Import matplotlib now, before training: its first import takes a second, and a Ctrl-C or
+    SIGTERM landing inside it (at the first end-of-epoch plot) would leave it half-imported for the
+    plot the interrupt handler draws."""
+    _pyplot()
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _draw(rows: List[Dict], path: str | os.PathLike, keys: Sequence[str], x_key: str, title: str) -> bool:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r[x_key], r[key]) for r in rows if _number(r.get(key)) and _number(r[x_key])]

@@ -62,7 +62,7 @@ from fastbeit.data.transforms import (
 )
 from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
 from fastbeit.errors import UserError, cli_entry
-from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
+from fastbeit.logging_utils import JsonlLogger, plot_curves, preload_plotting, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
 from fastbeit.model import BeitForMaskedImageModeling
 from fastbeit.optim import build_adamw, cosine_schedule, decay_groups, no_decay_names, set_step_values
@@ -400,6 +400,8 @@ class Trainer:
             self.train_model = CompiledStep(self.train_model, args.compile_mode, say=self.say,
                                             fullgraph=not self.dist.enabled)
         self.log = JsonlLogger(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+        if self.dist.is_main:
+            preload_plotting()  # not first at an epoch end, where an interrupt may land inside it
         self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def say(self, msg: str) -> None:

@@ -49,7 +49,7 @@ from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD
 from fastbeit.data.workers import data_loader
 from fastbeit.errors import UserError, cli_entry
-from fastbeit.logging_utils import JsonlLogger, plot_curves, read_jsonl
+from fastbeit.logging_utils import JsonlLogger, plot_curves, preload_plotting, read_jsonl
 from fastbeit.optim import build_adamw
 from fastbeit.rundir import claim_output
 from fastbeit.segmentation.backbone import segmentation_config
@@ -272,6 +272,7 @@ class Trainer:
         if saved is not None:
             self.restore(saved)
         self.log = JsonlLogger(self.out / "metrics.jsonl")
+        preload_plotting()  # not first at an evaluation, where an interrupt may land inside it
         self.log.keep_until(self.global_step)  # on a resume: what a lost stretch logged is logged again
 
     def read_resume(self) -> Optional[Dict[str, Any]]:

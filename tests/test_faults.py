@@ -249,6 +249,22 @@ def test_only_the_main_rank_takes_the_lock(tmp_path, monkeypatch):
 # --- 4. torn metrics lines and resumed logs ------------------------------------------------------
 
 
+def test_a_plot_that_cannot_be_drawn_is_a_warning_not_a_crash(tmp_path, monkeypatch, capsys):
+    """An interrupt inside matplotlib's first import leaves it half-imported; the plot the interrupt
+    handler then draws failed with a traceback and the run exited 1 instead of 130 (seen on Python
+    3.12). The trainers now import it before training, and a plot never raises."""
+    from fastbeit import logging_utils
+
+    def half_imported():
+        raise AttributeError("partially initialized module 'matplotlib' has no attribute 'rcParams'")
+
+    monkeypatch.setattr(logging_utils, "_pyplot", half_imported)
+    assert logging_utils.plot_curves([{"step": 1, "loss": 2.0}], tmp_path / "curves.png") is False
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not draw the plot") and "AttributeError" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_readers_skip_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
