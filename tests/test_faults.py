@@ -82,6 +82,30 @@ def test_workers_ignore_interrupts_and_still_run_the_given_init():
     assert calls == [3]
 
 
+def test_workers_stay_quiet_only_about_a_connection_the_main_process_dropped():
+    """The fd-sharing thread's reports of a dropped connection (reset, end of file, failed
+    handshake) are silent; the same error elsewhere, or another error there, is reported."""
+    from fastbeit.data.workers import _QuietOnReset
+
+    def traceback_of(exc: BaseException, filename: str):
+        namespace = {}
+        exec(compile("def serve(exc):\n    raise exc\n", filename, "exec"), namespace)
+        try:
+            namespace["serve"](exc)
+        except BaseException as caught:  # noqa: BLE001
+            return type(caught), caught, caught.__traceback__
+
+    sharer = os.path.join("lib", "multiprocessing", "resource_sharer.py")
+    reported = []
+    hook = _QuietOnReset(lambda *info: reported.append(info[0].__name__))
+    hook(*traceback_of(EOFError(), sharer))
+    hook(*traceback_of(ConnectionResetError(104, "reset"), "anywhere.py"))
+    assert reported == []
+    hook(*traceback_of(EOFError(), "anywhere.py"))
+    hook(*traceback_of(ValueError("a real bug"), sharer))
+    assert reported == ["EOFError", "ValueError"]
+
+
 def test_every_loader_in_the_package_uses_the_signal_safe_workers():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "fastbeit").rglob("*.py")
                  if "DataLoader(" in p.read_text() and p.name != "workers.py"]

@@ -16,6 +16,8 @@ runs first stops our loaders' workers with SIGKILL instead; they hold nothing th
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import os
 import signal
 import sys
 import weakref
@@ -40,15 +42,30 @@ class IgnoreInterrupts:
 
 class _QuietOnReset:
     """An interrupt that reaches the main process while it receives a batch drops the connection a
-    worker's file-descriptor-sharing thread was serving; that thread then reports the reset through
-    ``sys.excepthook`` as a traceback. Nothing is lost (the batch is not used), so say nothing."""
+    worker's file-descriptor-sharing thread (``multiprocessing.resource_sharer``) was serving; that
+    thread then reports it through ``sys.excepthook`` as a traceback: a reset, an end of file or a
+    failed handshake, depending on where the connection broke. Nothing is lost (the batch is not
+    used), so say nothing of those; anything else is reported as before."""
+
+    DROPPED = (OSError, EOFError, multiprocessing.AuthenticationError)  # OSError: resets, closed sockets
 
     def __init__(self, previous: Callable[..., Any]) -> None:
         self.previous = previous
 
     def __call__(self, exc_type, exc, tb) -> None:
-        if not issubclass(exc_type, ConnectionError):
-            self.previous(exc_type, exc, tb)
+        if issubclass(exc_type, ConnectionError):
+            return
+        if issubclass(exc_type, self.DROPPED) and _from_resource_sharer(tb):
+            return
+        self.previous(exc_type, exc, tb)
+
+
+def _from_resource_sharer(tb) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(f"multiprocessing{os.sep}resource_sharer.py"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _SignalSafeLoader(torch.utils.data.DataLoader):
