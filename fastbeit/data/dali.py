@@ -267,6 +267,18 @@ def _build_pipeline(cfg: _Config, source: Callable[[], List[np.ndarray]], seed: 
     return pipe
 
 
+def dali_to_torch(tensor_list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A DALI batch output as one torch tensor on ``device`` in ``dtype`` (copied on the current
+    CUDA stream when on the GPU)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    tensor = tensor_list.as_tensor()
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(tensor, out, cuda_stream=stream)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 def two_views(cfg: _Config, images):
     """Decoded images → (patch view, token view, the random parameters): the one augmentation
     graph shared by the folder and the shard pipelines."""
@@ -539,15 +551,6 @@ class DaliPretrainLoader:
             return self._feeder.inflight.popleft(), outputs
         raise UserError("too many unreadable images in a row; check the data folder")
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-        tensor = tensor_list.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(tensor, out, cuda_stream=stream)
-        return out if out.dtype == self.dtype else out.to(self.dtype)
-
     def _params(self, outputs: Sequence) -> Dict[str, torch.Tensor]:
         """The random draws of a batch: box ``(top, left, h, w)``, flip, jitter factors."""
         anchor, size, mirror, *jitter = (np.stack([np.asarray(t) for t in tl]) for tl in outputs)
@@ -564,7 +567,7 @@ class DaliPretrainLoader:
         self._start_step = 0
         for _ in range(step, len(self)):
             batch, (patches, tokens, *extra) = self._run()
-            out = (self._to_torch(patches), self._to_torch(tokens))
+            out = (dali_to_torch(patches, self.device, self.dtype), dali_to_torch(tokens, self.device, self.dtype))
             if self.masks is not None:
                 out = (*out, self.masks(len(batch.indices), batch.epoch * len(self) + batch.step))
             if self.with_params:

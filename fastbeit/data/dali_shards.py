@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from fastbeit.data.dali import _check_args, _Config, _require_dali, check_image, two_views
+from fastbeit.data.dali import _check_args, _Config, _require_dali, check_image, dali_to_torch, two_views
 from fastbeit.data.shard import SHARD_IMAGE_EXTS, ShardSet, dali_index_name, iter_shard
 from fastbeit.data.shard_loader import DEFAULT_BUFFER
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD
@@ -109,15 +109,6 @@ class DaliShardLoader:
         pipe.build()
         return pipe
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-        tensor = tensor_list.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(tensor, out, cuda_stream=stream)
-        return out if out.dtype == self.dtype else out.to(self.dtype)
-
     def _rank_part(self, order: np.ndarray) -> list:
         """The shards (indices) overlapping this rank's contiguous part of the epoch's samples."""
         counts = np.asarray(self.shards.counts)[order]
@@ -170,6 +161,6 @@ class DaliShardLoader:
         outputs = self._outputs(epoch, step)
         for _ in range(step, len(self)):
             patches, tokens = next(outputs)
-            yield self._to_torch(patches), self._to_torch(tokens)
+            yield dali_to_torch(patches, self.device, self.dtype), dali_to_torch(tokens, self.device, self.dtype)
         outputs.close()
         self.epoch = epoch + 1
