@@ -49,6 +49,21 @@ def cpu_allocations(fn) -> list:
     return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
 
 
+def interrupt_on_call(monkeypatch, owner, name: str, call: int):
+    """Replace ``owner.name`` so that its ``call``-th call raises KeyboardInterrupt (a Ctrl-C at
+    that point of a run); the other calls go through. Returns the real one (to put back)."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return real
+
+
 def free_port() -> str:
     """A TCP port nobody listens on right now (for torchrun's rendezvous in tests)."""
     import socket

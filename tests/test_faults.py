@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import interrupt_on_call
 from PIL import Image
 
 from fastbeit import finetune, pretrain, segment
@@ -367,15 +368,7 @@ def test_a_failed_final_save_is_one_error_line(images, tmp_path, monkeypatch, ca
 
 
 def test_a_failed_interrupt_save_is_one_error_line(images, tmp_path, monkeypatch, capsys):
-    real_step, calls = pretrain.Trainer.step, []
-
-    def step(self, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(pretrain.Trainer, "step", step)
+    interrupt_on_call(monkeypatch, pretrain.Trainer, "step", 2)
     failing_torch_save(monkeypatch, fail_calls=set(range(1, 100)))
     err = refused(pretrain.main, pixel_args(images, tmp_path), capsys)
     assert "could not write the checkpoint" in err and "interrupted at step" not in err

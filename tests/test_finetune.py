@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import free_port, interrupt_on_call
 from PIL import Image
 
 from fastbeit import finetune
@@ -427,16 +427,7 @@ def test_eval_of_a_fine_tuned_checkpoint_given_as_finetune(folders, tmp_path, ca
 
 def test_ctrl_c_saves_and_resume_finishes(folders, tmp_path, monkeypatch, capsys):
     base, data, ckpt = folders
-    real = finetune.FineTuner.optimizer_step
-    calls = {"n": 0}
-
-    def interrupting(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(finetune.FineTuner, "optimizer_step", interrupting)
+    real = interrupt_on_call(monkeypatch, finetune.FineTuner, "optimizer_step", 3)
     assert finetune.main(cli_args(data, tmp_path, "--epochs", "2")) == 130
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["reason"] == "interrupted" and last["global_step"] == 2 and last["step_in_epoch"] == 2

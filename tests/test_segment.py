@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import interrupt_on_call
 from PIL import Image
 
 from fastbeit import segment
@@ -206,15 +207,7 @@ def test_cli_finetunes_and_resumes_exactly(camvid, mim_checkpoint, tmp_path, cap
 
 
 def test_ctrl_c_saves_first(camvid, tmp_path, monkeypatch, capsys):
-    real_step, calls = segment.Trainer.step, []
-
-    def step(self, images, labels):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(self, images, labels)
-
-    monkeypatch.setattr(segment.Trainer, "step", step)
+    interrupt_on_call(monkeypatch, segment.Trainer, "step", 2)
     assert segment.main(["--data", str(camvid), *SCRATCH, *TINY_FLAGS, "--output", str(tmp_path)]) == 130
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["reason"] == "interrupted" and saved["global_step"] == 1

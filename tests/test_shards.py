@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, interrupt_on_call
 from PIL import Image
 from torchvision.transforms import functional as TF
 
@@ -380,15 +380,7 @@ def test_finetuning_reads_labelled_shards_and_resumes_mid_epoch(labelled_split, 
     args = ["--data", str(labelled_split), "--model", "beit_tiny", "--depth", "1", "--input_size", "32",
             "--patch_size", "4", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0",
             "--amp", "none", "--output", str(tmp_path), "--no_progress", "--kernels", "reference"]
-    real, calls = finetune.FineTuner.optimizer_step, {"n": 0}
-
-    def interrupting(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(finetune.FineTuner, "optimizer_step", interrupting)
+    real = interrupt_on_call(monkeypatch, finetune.FineTuner, "optimizer_step", 3)
     assert finetune.main(args) == 130
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step_in_epoch"] == 2
     monkeypatch.setattr(finetune.FineTuner, "optimizer_step", real)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import interrupt_on_call
 from PIL import Image
 
 from fastbeit.errors import UserError
@@ -271,15 +272,7 @@ def test_train_cli_tiny(tmp_path, capsys):
 
 def test_train_cli_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     data, out = make_folder(tmp_path / "data"), tmp_path / "run"
-    real_forward, calls = DiscreteVAE.forward, []
-
-    def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(DiscreteVAE, "forward", interrupted)
+    interrupt_on_call(monkeypatch, DiscreteVAE, "forward", 2)
     with pytest.raises(SystemExit) as exc:
         train_main(["--data", str(data), "--output", str(out), "--epochs", "3", *TRAIN_ARGS])
     assert exc.value.code == 130
