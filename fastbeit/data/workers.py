@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers its exit hook before ours, below)
 import os
 import signal
 import sys
@@ -97,23 +98,12 @@ def _kill_interrupt_ignoring_workers() -> None:
         worker.join(timeout=5)
 
 
-_exit_hook_registered = False
-
-
-def _register_exit_hook() -> None:
-    """Register once, after ``multiprocessing`` has registered its own hook: hooks run in reverse
-    order of registration, so ours runs before ``multiprocessing`` terminates and joins."""
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit hook first)
-
-        atexit.register(_kill_interrupt_ignoring_workers)
-        _exit_hook_registered = True
+# Registered after multiprocessing's own exit hook (imported above): hooks run in reverse order of
+# registration, so this one runs before multiprocessing terminates and joins its children.
+atexit.register(_kill_interrupt_ignoring_workers)
 
 
 def data_loader(dataset, **kwargs: Any) -> torch.utils.data.DataLoader:
     """``torch.utils.data.DataLoader(dataset, **kwargs)`` with workers that ignore interrupts."""
     kwargs["worker_init_fn"] = IgnoreInterrupts(kwargs.get("worker_init_fn"))
-    if kwargs.get("num_workers", 0) > 0:
-        _register_exit_hook()
     return _SignalSafeLoader(dataset, **kwargs)
