@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastbeit.data.folder import IMAGE_EXTENSIONS, load_rgb
+from fastbeit.data.folder import BAD_POLICIES, IMAGE_EXTENSIONS, load_rgb
 from fastbeit.errors import UserError
 
 Pair = Tuple[Path, Path]
@@ -108,8 +108,8 @@ class SegmentationDataset:
 
     def __init__(self, pairs: Sequence[Pair], transform: Callable, num_classes: int, ignore_index: int,
                  seed: int = 0, on_bad: str = "next") -> None:
-        if on_bad not in ("next", "drop"):
-            raise ValueError(f"on_bad must be 'next' or 'drop', not {on_bad!r}")
+        if on_bad not in BAD_POLICIES:
+            raise ValueError(f"on_bad must be one of {BAD_POLICIES}, got {on_bad!r}")
         self.pairs = list(pairs)
         self.on_bad = on_bad
         self.transform = transform
