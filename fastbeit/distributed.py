@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,3 +62,15 @@ def cleanup(info: DistInfo, finished: bool = True) -> None:
                 time.sleep(0.1)  # the workers drop what they held (they need the GIL this thread yields)
         finally:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leaving_group_after(info: DistInfo) -> Iterator[None]:
+    """Run the block, then :func:`cleanup`: with the barrier when the block finished, without it
+    when it raised."""
+    try:
+        yield
+    except BaseException:
+        cleanup(info, finished=False)
+        raise
+    cleanup(info, finished=True)

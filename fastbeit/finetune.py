@@ -70,7 +70,7 @@ from fastbeit.data.sampler import ResumableSampler
 from fastbeit.data.shard import is_shard_source
 from fastbeit.data.shard_loader import classification_shard_loaders
 from fastbeit.data.transforms import BEIT_MEAN, BEIT_STD, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
-from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
+from fastbeit.distributed import DistInfo, all_reduce_mean, leaving_group_after
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.interchange import LoadedCheckpoint, load_any
 from fastbeit.logging_utils import JsonlLogger, plot_curves, preload_plotting, read_jsonl
@@ -551,13 +551,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.output, OUTPUTS, args.resume is not None, args.overwrite)
     with claim:
         trainer = FineTuner(args)
-        finished = False
-        try:
-            code = trainer.run()
-            finished = True
-            return code
-        finally:
-            cleanup(trainer.dist, finished)
+        with leaving_group_after(trainer.dist):
+            return trainer.run()
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from fastbeit.data.transforms import (
     BeitPretrainTransform,
     TwoViewTransform,
 )
-from fastbeit.distributed import DistInfo, all_reduce_mean, cleanup
+from fastbeit.distributed import DistInfo, all_reduce_mean, leaving_group_after
 from fastbeit.errors import UserError, cli_entry
 from fastbeit.logging_utils import JsonlLogger, plot_curves, preload_plotting, read_jsonl
 from fastbeit.masking import MASKING_MODES, MaskingGenerator
@@ -580,13 +580,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = resolve_args(argv)
     with claim_output(args.output, OUTPUTS, args.resume is not None, args.overwrite):
         trainer = Trainer(args)
-        finished = False
-        try:
-            code = trainer.train()
-            finished = True
-            return code
-        finally:
-            cleanup(trainer.dist, finished)
+        with leaving_group_after(trainer.dist):
+            return trainer.train()
 
 
 if __name__ == "__main__":
